@@ -1,0 +1,1 @@
+//! Reading and writing checkpoints, model folders, images and arrays.
