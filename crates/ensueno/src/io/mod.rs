@@ -1,1 +1,9 @@
-//! Reading and writing checkpoints, model folders, images and arrays.
+//! Reading and writing: diffusers model folders and the hub, safetensors
+//! checkpoints, `.npy` arrays, images with their generation parameters.
+
+pub mod atomic;
+pub mod hub;
+pub mod images;
+pub mod model_folder;
+pub mod npy;
+pub mod png_info;
