@@ -1,1 +1,12 @@
-//! Pipelines: txt2img and img2img, composing text encoder, UNet, scheduler and VAE.
+//! Pipelines compose models and a scheduler into a generation: text encoder ->
+//! denoising loop (UNet + scheduler, classifier-free guidance) -> VAE.
+//!
+//! One validated request type ([`GenerationRequest`]) is shared by the CLI,
+//! the HTTP API and the web page, with the same field names everywhere.
+
+pub mod latent_preview;
+pub mod request;
+pub mod stable_diffusion;
+
+pub use request::{GenerationRequest, Limits};
+pub use stable_diffusion::{GenerationInputs, GenerationOutput, StableDiffusionPipeline, StepProgress};

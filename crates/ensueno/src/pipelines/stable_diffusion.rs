@@ -1,0 +1,363 @@
+//! Stable Diffusion text-to-image and image-to-image.
+//!
+//! Latent diffusion (Rombach et al., "High-Resolution Image Synthesis with
+//! Latent Diffusion Models", CVPR 2022, arXiv:2112.10752) with
+//! classifier-free guidance (Ho & Salimans, arXiv:2207.12598). Reference:
+//! diffusers' `pipelines/stable_diffusion/pipeline_stable_diffusion.py` and
+//! `pipeline_stable_diffusion_img2img.py`; for the same weights, prompt and
+//! initial latents this pipeline computes the same image.
+
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+
+use crate::io::images::{image_to_tensor, resize, tensor_to_images};
+use crate::io::model_folder::{in_component, ModelFolder};
+use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
+use crate::models::clip_text_model::{CLIPTextConfig, CLIPTextModel};
+use crate::models::clip_tokenizer::CLIPTokenizer;
+use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::pipelines::latent_preview::LatentPreviewer;
+use crate::pipelines::request::{GenerationRequest, Limits};
+use crate::schedulers::{build_scheduler, Scheduler, SchedulerConfig};
+use crate::utils::NoiseGenerator;
+use crate::{Error, Result};
+
+/// CLIP's context window: prompts are padded or truncated to it.
+const MAX_TOKENS: usize = 77;
+
+/// The components of a Stable Diffusion model, loaded and ready.
+pub struct StableDiffusionPipeline {
+    pub tokenizer: CLIPTokenizer,
+    pub text_encoder: CLIPTextModel,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub unet_config: UNet2DConditionConfig,
+    pub vae_config: AutoencoderKLConfig,
+    pub scheduler_config: SchedulerConfig,
+    /// A display name for the model (PNG metadata, API listings).
+    pub name: String,
+    device: Device,
+    dtype: DType,
+}
+
+/// Inputs that are data rather than settings.
+#[derive(Default)]
+pub struct GenerationInputs {
+    /// img2img: the image to start from.
+    pub init_image: Option<RgbImage>,
+    /// Initial latents `[batch, C, H/f, W/f]` (before scaling by the
+    /// scheduler's initial sigma), to reproduce another implementation's run.
+    pub latents: Option<Tensor>,
+}
+
+/// What the per-step callback sees.
+pub struct StepProgress<'a> {
+    /// 1-based index of the step just taken.
+    pub step: usize,
+    pub total_steps: usize,
+    pub timestep: f64,
+    /// The current latents x_t.
+    pub latents: &'a Tensor,
+    /// The scheduler's estimate of the final latents, when it makes one.
+    pub pred_original: Option<&'a Tensor>,
+}
+
+/// The result of a generation.
+pub struct GenerationOutput {
+    pub images: Vec<RgbImage>,
+    /// The seed of each image (`seed + index`).
+    pub seeds: Vec<u64>,
+    pub width: usize,
+    pub height: usize,
+    /// Messages for the user (prompt truncated, ...).
+    pub warnings: Vec<String>,
+}
+
+impl StableDiffusionPipeline {
+    /// Loads every component of a diffusers folder, weights memory-mapped and
+    /// converted to `dtype`.
+    pub fn load(folder: &ModelFolder, device: &Device, dtype: DType) -> Result<Self> {
+        let tokenizer_dir = folder.component_dir("tokenizer")?;
+        let tokenizer = CLIPTokenizer::from_dir(&tokenizer_dir)?;
+
+        let text_dir = folder.component_dir("text_encoder")?;
+        let text_config: CLIPTextConfig = folder.read_config("text_encoder")?;
+        let vb = folder.var_builder("text_encoder", dtype, device)?;
+        let text_encoder = in_component(&text_dir, CLIPTextModel::new(vb, &text_config))?;
+
+        let unet_dir = folder.component_dir("unet")?;
+        let unet_config: UNet2DConditionConfig = folder.read_config("unet")?;
+        let vb = folder.var_builder("unet", dtype, device)?;
+        let unet = in_component(&unet_dir, UNet2DConditionModel::new(vb, &unet_config))?;
+
+        let vae_dir = folder.component_dir("vae")?;
+        let vae_config: AutoencoderKLConfig = folder.read_config("vae")?;
+        let vb = folder.var_builder("vae", dtype, device)?;
+        let vae = in_component(&vae_dir, AutoencoderKL::new(vb, &vae_config))?;
+
+        let scheduler_config: SchedulerConfig = folder.read_config("scheduler")?;
+
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            unet_config,
+            vae_config,
+            scheduler_config,
+            name: folder.name(),
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Pixels per latent along each side (8 for Stable Diffusion).
+    pub fn vae_scale_factor(&self) -> usize {
+        1 << self.vae_config.block_out_channels.len().saturating_sub(1)
+    }
+
+    /// The size the model was trained at, in pixels (width, height).
+    pub fn default_size(&self) -> (usize, usize) {
+        let s = self.unet_config.sample_size * self.vae_scale_factor();
+        (s, s)
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Encodes one prompt to CLIP hidden states `[1, 77, D]`; the flag says
+    /// whether the prompt was cut to fit the 77-token window.
+    pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<(Tensor, bool)> {
+        let tokens = self.tokenizer.encode_padded(prompt, MAX_TOKENS)?;
+        let ids = Tensor::new(tokens.ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        let hidden = self.text_encoder.forward_with_clip_skip(&ids, clip_skip)?;
+        Ok((hidden, tokens.truncated))
+    }
+
+    /// Runs a whole generation. `on_step` is called after every denoising
+    /// step; returning `false` from it cancels with [`Error::Cancelled`].
+    pub fn generate(
+        &self,
+        request: &GenerationRequest,
+        inputs: GenerationInputs,
+        limits: &Limits,
+        on_step: &mut dyn FnMut(&StepProgress) -> bool,
+    ) -> Result<GenerationOutput> {
+        let factor = self.vae_scale_factor();
+        request.validate(limits, factor)?;
+        let batch = request.batch;
+        let mut warnings = Vec::new();
+
+        // Size: explicit, else the init image's (rounded down to the VAE
+        // factor), else the model's native size.
+        let (default_w, default_h) = match &inputs.init_image {
+            Some(img) => (
+                (img.width() as usize / factor) * factor,
+                (img.height() as usize / factor) * factor,
+            ),
+            None => self.default_size(),
+        };
+        let width = request.width.unwrap_or(default_w);
+        let height = request.height.unwrap_or(default_h);
+        if width < factor || height < factor {
+            return Err(Error::invalid(format!(
+                "the image must be at least {factor}x{factor} pixels, got {width}x{height}"
+            )));
+        }
+        let (lh, lw) = (height / factor, width / factor);
+        let latent_channels = self.unet_config.in_channels;
+
+        let base_seed = request.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
+        let seeds: Vec<u64> = (0..batch).map(|i| GenerationRequest::image_seed(base_seed, i)).collect();
+        let mut generators: Vec<NoiseGenerator> = seeds.iter().map(|&s| NoiseGenerator::new(s)).collect();
+
+        // Text conditioning: [negative x batch, positive x batch], the order
+        // diffusers concatenates them in.
+        let guidance = request.guidance_scale > 1.0;
+        let (positive, truncated) = self.encode_prompt(&request.prompt, request.clip_skip)?;
+        if truncated {
+            warnings.push(format!(
+                "the prompt is longer than CLIP's {} tokens; the end was cut off",
+                MAX_TOKENS - 2
+            ));
+        }
+        let positive = positive.repeat((batch, 1, 1))?;
+        let context = if guidance {
+            let (negative, truncated) = self.encode_prompt(&request.negative_prompt, request.clip_skip)?;
+            if truncated {
+                warnings.push("the negative prompt is longer than CLIP's window; the end was cut off".into());
+            }
+            Tensor::cat(&[negative.repeat((batch, 1, 1))?, positive], 0)?
+        } else {
+            positive
+        };
+
+        let mut scheduler = build_scheduler(request.scheduler, &self.scheduler_config)?;
+        scheduler.set_timesteps(request.steps)?;
+        let mut timesteps: Vec<f64> = scheduler.timesteps().to_vec();
+
+        let latent_shape = (batch, latent_channels, lh, lw);
+        let mut latents = match &inputs.init_image {
+            None => {
+                let noise = match inputs.latents {
+                    Some(l) => check_latents(l, latent_shape, &self.device, self.dtype)?,
+                    None => self.draw_noise(&mut generators, (latent_channels, lh, lw))?,
+                };
+                (noise * scheduler.init_noise_sigma())?
+            }
+            Some(img) => {
+                let init = self.encode_init_image(img, width, height, &mut generators)?;
+                let init_steps = ((request.steps as f64 * request.strength) as usize).min(request.steps);
+                let t_start = request.steps - init_steps;
+                let order = scheduler.order();
+                timesteps = timesteps.split_off((t_start * order).min(timesteps.len()));
+                scheduler.set_begin_index(t_start * order);
+                let noise = match inputs.latents {
+                    Some(l) => check_latents(l, latent_shape, &self.device, self.dtype)?,
+                    None => self.draw_noise(&mut generators, (latent_channels, lh, lw))?,
+                };
+                match timesteps.first() {
+                    Some(&t0) => scheduler.add_noise(&init, &noise, t0)?,
+                    // strength 0: nothing to repaint.
+                    None => init,
+                }
+            }
+        };
+
+        let total_steps = timesteps.len();
+        for (i, &t) in timesteps.iter().enumerate() {
+            latents = self.denoise_step(scheduler.as_mut(), &latents, &context, t, request.guidance_scale, guidance, &mut generators, i + 1, total_steps, on_step)?;
+        }
+
+        let images = self.decode_latents(&latents)?;
+        Ok(GenerationOutput {
+            images,
+            seeds,
+            width,
+            height,
+            warnings,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn denoise_step(
+        &self,
+        scheduler: &mut dyn Scheduler,
+        latents: &Tensor,
+        context: &Tensor,
+        t: f64,
+        guidance_scale: f64,
+        guidance: bool,
+        generators: &mut [NoiseGenerator],
+        step: usize,
+        total_steps: usize,
+        on_step: &mut dyn FnMut(&StepProgress) -> bool,
+    ) -> Result<Tensor> {
+        let model_in = if guidance {
+            Tensor::cat(&[latents, latents], 0)?
+        } else {
+            latents.clone()
+        };
+        let model_in = scheduler.scale_model_input(model_in, t)?;
+        let t_batch = Tensor::full(t as f32, model_in.dim(0)?, &self.device)?;
+        let noise_pred = self.unet.forward(&model_in, &t_batch, context)?;
+        let noise_pred = if guidance {
+            let b = latents.dim(0)?;
+            let uncond = noise_pred.narrow(0, 0, b)?;
+            let cond = noise_pred.narrow(0, b, b)?;
+            (&uncond + ((cond - &uncond)? * guidance_scale)?)?
+        } else {
+            noise_pred
+        };
+        let noise = if scheduler.is_stochastic() {
+            let (_, c, h, w) = latents.dims4()?;
+            Some(self.draw_noise(generators, (c, h, w))?)
+        } else {
+            None
+        };
+        let out = scheduler.step(&noise_pred, t, latents, noise.as_ref())?;
+        let keep_going = on_step(&StepProgress {
+            step,
+            total_steps,
+            timestep: t,
+            latents: &out.prev_sample,
+            pred_original: out.pred_original_sample.as_ref(),
+        });
+        if !keep_going {
+            return Err(Error::Cancelled);
+        }
+        Ok(out.prev_sample)
+    }
+
+    /// One N(0, 1) draw per image from that image's own generator, so image
+    /// `i` of a batch equals the image made alone with seed `seed + i`.
+    fn draw_noise(&self, generators: &mut [NoiseGenerator], chw: (usize, usize, usize)) -> Result<Tensor> {
+        let parts = generators
+            .iter_mut()
+            .map(|g| g.randn((1, chw.0, chw.1, chw.2), self.dtype, &self.device))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    fn encode_init_image(
+        &self,
+        img: &RgbImage,
+        width: usize,
+        height: usize,
+        generators: &mut [NoiseGenerator],
+    ) -> Result<Tensor> {
+        let img = resize(img, width as u32, height as u32);
+        let x = image_to_tensor(&img, self.dtype, &self.device)?;
+        let dist = self.vae.encode(&x)?;
+        let (_, c, h, w) = dist.mean().dims4()?;
+        // Each image of the batch samples the posterior with its own generator.
+        let mut parts = Vec::with_capacity(generators.len());
+        for g in generators.iter_mut() {
+            let eps = g.randn((1, c, h, w), self.dtype, &self.device)?;
+            parts.push(dist.sample(&eps)?);
+        }
+        let z = Tensor::cat(&parts, 0)?;
+        let shift = self.vae_config.shift_factor.unwrap_or(0.0);
+        Ok(((z - shift)? * self.vae_config.scaling_factor)?)
+    }
+
+    /// Latents to images, through the VAE.
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Vec<RgbImage>> {
+        let shift = self.vae_config.shift_factor.unwrap_or(0.0);
+        let z = ((latents / self.vae_config.scaling_factor)? + shift)?;
+        let mut images = Vec::with_capacity(z.dim(0)?);
+        // One image at a time keeps the decoder's peak memory that of one image.
+        for i in 0..z.dim(0)? {
+            let x = self.vae.decode(&z.narrow(0, i, 1)?)?;
+            let x = ((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+            images.extend(tensor_to_images(&x)?);
+        }
+        Ok(images)
+    }
+
+    /// A previewer for this model: TAESD when given, else the linear map.
+    pub fn previewer(taesd: Option<crate::models::autoencoder_tiny::AutoencoderTiny>) -> LatentPreviewer {
+        match taesd {
+            Some(t) => LatentPreviewer::Taesd(Box::new(t)),
+            None => LatentPreviewer::Linear,
+        }
+    }
+}
+
+fn check_latents(
+    latents: Tensor,
+    expected: (usize, usize, usize, usize),
+    device: &Device,
+    dtype: DType,
+) -> Result<Tensor> {
+    let want = [expected.0, expected.1, expected.2, expected.3];
+    if latents.dims() != want {
+        return Err(Error::Shape {
+            what: "initial latents".into(),
+            expected: format!("{want:?} ([batch, latent_channels, height/8, width/8])"),
+            got: format!("{:?}", latents.dims()),
+        });
+    }
+    Ok(latents.to_dtype(dtype)?.to_device(device)?)
+}
