@@ -135,8 +135,8 @@ impl DPMSolverMultistepScheduler {
         let schedule = NoiseSchedule::from_config(config, true)?;
         let train_sigmas = schedule.sigmas();
         let num_train_timesteps = train_sigmas.len();
-        let cosine = config.trained_betas.is_none()
-            && config.beta_schedule.as_deref() == Some("squaredcos_cap_v2");
+        // diffusers looks at the key alone, even when trained_betas override it.
+        let cosine = config.beta_schedule.as_deref() == Some("squaredcos_cap_v2");
         Ok(Self {
             num_train_timesteps,
             solver_order,

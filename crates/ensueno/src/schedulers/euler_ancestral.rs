@@ -46,6 +46,11 @@ impl EulerAncestralDiscreteScheduler {
                 "EulerAncestralDiscreteScheduler does not support prediction_type \"sample\"",
             ));
         }
+        if config.use_karras_sigmas == Some(true) {
+            tracing::warn!(
+                "EulerAncestralDiscreteScheduler has no Karras sigmas (as in diffusers); ignoring use_karras_sigmas"
+            );
+        }
         Ok(Self {
             num_train_timesteps,
             prediction_type,

@@ -104,7 +104,7 @@ impl EulerDiscreteScheduler {
                 ))
             }
         };
-        let mut s = Self {
+        Ok(Self {
             num_train_timesteps,
             prediction_type: PredictionType::parse(
                 config.prediction_type.as_deref().unwrap_or("epsilon"),
@@ -124,9 +124,7 @@ impl EulerDiscreteScheduler {
             train_sigmas,
             counter: StepCounter::default(),
             ready: false,
-        };
-        s.counter.reset();
-        Ok(s)
+        })
     }
 
     /// The cumulative alpha products of the training schedule (float32 values).
