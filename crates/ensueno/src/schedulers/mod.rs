@@ -7,6 +7,7 @@
 //! `from_config` does (so an SD 1.5 `PNDMScheduler` config builds an Euler
 //! scheduler with Euler's own `timestep_spacing` default).
 
+pub mod betas;
 pub mod config;
 pub mod ddim;
 pub mod ddpm;
