@@ -41,8 +41,8 @@ fn load_variant(variant: &str) -> (AutoencoderTiny, std::collections::HashMap<St
     let weights =
         candle_core::safetensors::load(dir.join("diffusion_pytorch_model.safetensors"), &dev)
             .unwrap();
-    let model = AutoencoderTiny::new(VarBuilder::from_tensors(weights, DType::F32, &dev), &config)
-        .unwrap();
+    let model =
+        AutoencoderTiny::new(VarBuilder::from_tensors(weights, DType::F32, &dev), &config).unwrap();
     let io = candle_core::safetensors::load(dir.join("io.safetensors"), &dev).unwrap();
     (model, io)
 }
@@ -85,13 +85,8 @@ fn wrong_shapes_and_bad_configs_are_errors() {
     std::fs::write(&path, r#"{"num_encoder_blocks": [1, 3, 3]}"#).unwrap();
     let err = AutoencoderTinyConfig::from_file(&path).unwrap_err();
     assert!(matches!(err, Error::Config { .. }), "{err}");
-    assert_eq!(
-        AutoencoderTinyConfig::from_file(&dir.path().join("none.json"))
-            .unwrap_err()
-            .to_string()
-            .contains("none.json"),
-        true
-    );
+    let err = AutoencoderTinyConfig::from_file(&dir.path().join("none.json")).unwrap_err();
+    assert!(err.to_string().contains("none.json"), "{err}");
 }
 
 #[test]
@@ -120,7 +115,9 @@ fn taesd_files_with_wrong_names_are_model_errors() {
 #[test]
 fn real_taesd_matches_diffusers() {
     let Some(shared) = std::env::var_os("ENSUENO_SHARED") else {
-        eprintln!("skipped: set ENSUENO_SHARED to the shared folder to test the real TAESD weights");
+        eprintln!(
+            "skipped: set ENSUENO_SHARED to the shared folder to test the real TAESD weights"
+        );
         return;
     };
     let dir = PathBuf::from(shared).join("weights/taesd");
@@ -154,4 +151,24 @@ fn real_taesd_matches_diffusers() {
     assert!(decoder_only.encode(&io["image"]).is_err());
     let again = decoder_only.decode(&io["latents"]).unwrap();
     assert!(rel_err(&again, &io["decoded"]) <= 1e-4);
+}
+
+#[test]
+fn runs_in_f16_close_to_f32() {
+    // Not a golden test: checks the model follows the VarBuilder's dtype.
+    // Half precision: loose tolerance 1e-2 relative.
+    let dir = fixtures().join("tiny_mish");
+    let dev = Device::Cpu;
+    let config = AutoencoderTinyConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights =
+        candle_core::safetensors::load(dir.join("diffusion_pytorch_model.safetensors"), &dev)
+            .unwrap();
+    let model =
+        AutoencoderTiny::new(VarBuilder::from_tensors(weights, DType::F16, &dev), &config).unwrap();
+    let io = candle_core::safetensors::load(dir.join("io.safetensors"), &dev).unwrap();
+    let input = io["decode_input"].to_dtype(DType::F16).unwrap();
+    let out = model.decode(&input).unwrap();
+    assert_eq!(out.dtype(), DType::F16);
+    let err = rel_err(&out.to_dtype(DType::F32).unwrap(), &io["decoded"]);
+    assert!(err <= 1e-2, "f16 rel err {err}");
 }

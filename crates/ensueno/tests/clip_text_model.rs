@@ -137,3 +137,21 @@ fn missing_weights_are_an_error() {
     let vb = VarBuilder::from_tensors(weights, DType::F32, &dev);
     assert!(CLIPTextModel::new(vb, &config).is_err());
 }
+
+#[test]
+fn runs_in_f16_close_to_f32() {
+    // Not a golden test: checks the model follows the VarBuilder's dtype.
+    // Half precision: loose tolerance 1e-2 relative.
+    let dir = fixture("quick_gelu");
+    let dev = Device::Cpu;
+    let config = CLIPTextConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &dev).unwrap();
+    let model =
+        CLIPTextModel::new(VarBuilder::from_tensors(weights, DType::F16, &dev), &config).unwrap();
+    let io = candle_core::safetensors::load(dir.join("io.safetensors"), &dev).unwrap();
+    let ids = io["input_ids"].to_dtype(DType::U32).unwrap();
+    let out = model.forward(&ids).unwrap();
+    assert_eq!(out.dtype(), DType::F16);
+    let err = rel_err(&out.to_dtype(DType::F32).unwrap(), &io["last_hidden_state"]);
+    assert!(err <= 1e-2, "f16 rel err {err}");
+}

@@ -33,7 +33,10 @@ fn ids(v: &Value) -> Vec<u32> {
 fn check(golden: &Value, raw: &CLIPTokenizer, pads: &[(&str, &CLIPTokenizer)]) {
     assert_eq!(raw.bos_id() as u64, golden["bos_id"].as_u64().unwrap());
     assert_eq!(raw.eos_id() as u64, golden["eos_id"].as_u64().unwrap());
-    assert_eq!(raw.vocab_size() as u64, golden["vocab_size"].as_u64().unwrap());
+    assert_eq!(
+        raw.vocab_size() as u64,
+        golden["vocab_size"].as_u64().unwrap()
+    );
     let cases = golden["cases"].as_array().unwrap();
     assert!(!cases.is_empty());
     let mut failures = Vec::new();
@@ -151,7 +154,11 @@ fn missing_or_corrupt_files_are_clear_errors() {
     assert!(matches!(err, Error::Io { .. }), "{err}");
     assert!(err.to_string().contains("merges.txt"), "{err}");
 
-    std::fs::write(dir.path().join("merges.txt"), "#version: 0.2\nt h\nnot a merge line\n").unwrap();
+    std::fs::write(
+        dir.path().join("merges.txt"),
+        "#version: 0.2\nt h\nnot a merge line\n",
+    )
+    .unwrap();
     let err = CLIPTokenizer::from_dir(dir.path()).unwrap_err();
     assert!(matches!(err, Error::Tokenizer(_)), "{err}");
     assert!(err.to_string().contains("merges.txt"), "{err}");

@@ -488,9 +488,10 @@ impl AutoencoderTiny {
     /// # Shapes
     /// `x` [B, in_channels, H, W], H and W multiples of 8 -> [B, latent_channels, H/8, W/8]
     pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
-        let encoder = self.encoder.as_ref().ok_or_else(|| {
-            Error::invalid("this AutoencoderTiny was loaded without an encoder")
-        })?;
+        let encoder = self
+            .encoder
+            .as_ref()
+            .ok_or_else(|| Error::invalid("this AutoencoderTiny was loaded without an encoder"))?;
         check_nchw(x, self.config.in_channels, "AutoencoderTiny.encode input")?;
         encoder.forward(x)
     }

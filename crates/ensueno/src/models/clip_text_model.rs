@@ -169,7 +169,9 @@ impl CLIPTextConfig {
         ];
         for (name, value) in sizes {
             if value == 0 {
-                return Err(Error::invalid(format!("CLIP text config: {name} must be > 0")));
+                return Err(Error::invalid(format!(
+                    "CLIP text config: {name} must be > 0"
+                )));
             }
         }
         if self.hidden_size % self.num_attention_heads != 0 {
@@ -178,7 +180,7 @@ impl CLIPTextConfig {
                 self.hidden_size, self.num_attention_heads
             )));
         }
-        if !(self.layer_norm_eps > 0.0) {
+        if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
             return Err(Error::invalid(format!(
                 "CLIP text config: layer_norm_eps must be > 0, got {}",
                 self.layer_norm_eps

@@ -26,7 +26,8 @@ use crate::{Error, Result};
 
 /// CLIP's word pattern. The two special tokens come first so that a prompt
 /// that spells them out keeps them whole, as transformers does.
-const CLIP_PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_PATTERN: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 const DEFAULT_BOS: &str = "<|startoftext|>";
 const DEFAULT_EOS: &str = "<|endoftext|>";
@@ -291,7 +292,9 @@ fn build_tokenizer(vocab: &Path, merges: &Path, specials: &SpecialTokens) -> Res
     let where_ = || PathBuf::from(merges).display().to_string();
     let bpe = BPE::builder()
         .vocab_and_merges(
-            vocab_map.into_iter().collect::<tokenizers::models::bpe::Vocab>(),
+            vocab_map
+                .into_iter()
+                .collect::<tokenizers::models::bpe::Vocab>(),
             merge_list,
         )
         .continuing_subword_prefix(String::new())
