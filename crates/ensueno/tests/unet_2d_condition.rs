@@ -35,7 +35,13 @@ fn max_rel_error(ours: &Tensor, reference: &Tensor) -> f32 {
     assert_eq!(ours.dims(), reference.dims());
     let diff = (ours - reference).unwrap().abs().unwrap();
     let max_diff = diff.flatten_all().unwrap().max(0).unwrap();
-    let max_ref = reference.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    let max_ref = reference
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap();
     max_diff.to_scalar::<f32>().unwrap() / max_ref.to_scalar::<f32>().unwrap().max(1e-6)
 }
 
@@ -47,11 +53,18 @@ fn run_case(model_name: &str, case: &str) {
     )
     .unwrap();
     let out = model
-        .forward(&io["sample"], &io["timesteps"], &io["encoder_hidden_states"])
+        .forward(
+            &io["sample"],
+            &io["timesteps"],
+            &io["encoder_hidden_states"],
+        )
         .unwrap();
     let err = max_rel_error(&out, &io["output"]);
     eprintln!("{case}: max relative error {err:e}");
-    assert!(err <= TOLERANCE, "{case}: max relative error {err} > {TOLERANCE}");
+    assert!(
+        err <= TOLERANCE,
+        "{case}: max relative error {err} > {TOLERANCE}"
+    );
 }
 
 #[test]

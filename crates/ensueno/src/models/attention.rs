@@ -168,8 +168,14 @@ impl Attention {
                 .forward(&xs.transpose(1, 2)?.contiguous()?)?
                 .transpose(1, 2)?;
         }
-        let context = encoder_hidden_states.unwrap_or(&xs);
-        if context.dim(0)? != b {
+        // candle's batched matmul (inside Linear) mishandles some transposed
+        // batch strides: give the projections a plain layout.
+        let xs = xs.contiguous()?;
+        let context = match encoder_hidden_states {
+            Some(c) => c.contiguous()?,
+            None => xs.clone(),
+        };
+        if context.rank() != 3 || context.dim(0)? != b {
             return Err(Error::Shape {
                 what: "encoder_hidden_states".to_string(),
                 expected: format!("batch {b}"),
@@ -178,8 +184,8 @@ impl Attention {
         }
         let s = context.dim(1)?;
         let q = self.to_q.forward(&xs)?;
-        let k = self.to_k.forward(context)?;
-        let v = self.to_v.forward(context)?;
+        let k = self.to_k.forward(&context)?;
+        let v = self.to_v.forward(&context)?;
         let split = |x: Tensor, n: usize| -> Result<Tensor> {
             Ok(x.reshape((b, n, self.heads, self.dim_head))?
                 .transpose(1, 2)?

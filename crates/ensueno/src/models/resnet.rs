@@ -131,7 +131,13 @@ pub(crate) fn conv2d(
         stride,
         ..Default::default()
     };
-    Ok(candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)?)
+    Ok(candle_nn::conv2d(
+        in_channels,
+        out_channels,
+        kernel,
+        cfg,
+        vb,
+    )?)
 }
 
 pub(crate) fn group_norm(

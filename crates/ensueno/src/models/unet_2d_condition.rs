@@ -347,7 +347,9 @@ impl UNet2DConditionConfig {
             )));
         }
         if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
-            return Err(config_error("`conv_in_kernel` and `conv_out_kernel` must be odd"));
+            return Err(config_error(
+                "`conv_in_kernel` and `conv_out_kernel` must be odd",
+            ));
         }
         Ok(())
     }
@@ -420,12 +422,13 @@ impl UNet2DConditionModel {
         let only_cross = config
             .only_cross_attention
             .per_block(n, "only_cross_attention")?;
-        let mid_only_cross = config
-            .mid_block_only_cross_attention
-            .unwrap_or(match config.only_cross_attention {
-                OneOrMany::One(b) => b,
-                OneOrMany::Many(_) => false,
-            });
+        let mid_only_cross =
+            config
+                .mid_block_only_cross_attention
+                .unwrap_or(match config.only_cross_attention {
+                    OneOrMany::One(b) => b,
+                    OneOrMany::Many(_) => false,
+                });
 
         let c0 = boc[0];
         let conv_in = conv2d(
@@ -438,7 +441,8 @@ impl UNet2DConditionModel {
         )?;
         let time_embed_dim = config.time_embedding_dim.unwrap_or(4 * c0);
         let time_proj = Timesteps::new(c0, config.flip_sin_to_cos, config.freq_shift);
-        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), c0, time_embed_dim, act)?;
+        let time_embedding =
+            TimestepEmbedding::new(vb.pp("time_embedding"), c0, time_embed_dim, act)?;
         let time_embed_act = config
             .time_embedding_act_fn
             .as_deref()
@@ -530,12 +534,10 @@ impl UNet2DConditionModel {
         let r_cross = rev(&cross);
         let r_tlayers = match &config.reverse_transformer_layers_per_block {
             Some(v) if v.len() == n => v.clone(),
-            Some(v) => {
-                return Err(config_error(format!(
-                    "`reverse_transformer_layers_per_block` has {} entries but there are {n} up blocks",
-                    v.len()
-                )))
-            }
+            Some(v) => return Err(config_error(format!(
+                "`reverse_transformer_layers_per_block` has {} entries but there are {n} up blocks",
+                v.len()
+            ))),
             None => rev(&tlayers),
         };
         let r_only: Vec<bool> = only_cross.iter().rev().copied().collect();
@@ -684,7 +686,10 @@ impl UNet2DConditionModel {
         } else {
             sample.clone()
         };
-        let t_emb = self.time_proj.forward(&timesteps)?.to_dtype(sample.dtype())?;
+        let t_emb = self
+            .time_proj
+            .forward(&timesteps)?
+            .to_dtype(sample.dtype())?;
         let mut emb = self.time_embedding.forward(&t_emb)?;
         if let Some(act) = &self.time_embed_act {
             emb = emb.apply(act)?;
@@ -709,7 +714,9 @@ impl UNet2DConditionModel {
         for (i, block) in self.up_blocks.iter().enumerate() {
             let k = block.num_resnets();
             let split = res_samples.len().checked_sub(k).ok_or_else(|| {
-                Error::invalid("UNet: up blocks need more skip connections than the down blocks made")
+                Error::invalid(
+                    "UNet: up blocks need more skip connections than the down blocks made",
+                )
             })?;
             let skips = res_samples.split_off(split);
             let upsample_size = match res_samples.last() {
