@@ -534,10 +534,12 @@ impl UNet2DConditionModel {
         let r_cross = rev(&cross);
         let r_tlayers = match &config.reverse_transformer_layers_per_block {
             Some(v) if v.len() == n => v.clone(),
-            Some(v) => return Err(config_error(format!(
+            Some(v) => {
+                return Err(config_error(format!(
                 "`reverse_transformer_layers_per_block` has {} entries but there are {n} up blocks",
                 v.len()
-            ))),
+            )))
+            }
             None => rev(&tlayers),
         };
         let r_only: Vec<bool> = only_cross.iter().rev().copied().collect();
