@@ -18,7 +18,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VOCAB = os.path.join(HERE, "..", "..", "crates", "ensueno", "tests", "fixtures", "clip_tokenizer")
+VOCAB = os.environ.get('ENSUENO_CLIP_VOCAB') or os.path.join(HERE, '..', '..', 'crates', 'ensueno', 'tests', 'fixtures', 'clip_tokenizer')
 
 
 def main(out):

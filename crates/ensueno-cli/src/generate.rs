@@ -114,7 +114,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.latents.is_some() && args.seed.is_some() {
         tracing::warn!("--latents given: --seed only affects stochastic samplers");
     }
-    let outputs = output_paths(args.output.as_deref(), request.seed.unwrap_or(0), request.batch)?;
+    let outputs = output_paths(
+        args.output.as_deref(),
+        request.seed.unwrap_or(0),
+        request.batch,
+    )?;
     let init_image = args
         .init_image
         .as_deref()
@@ -152,12 +156,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
          (e.g. --model runwayml/stable-diffusion-v1-5), or set ENSUENO_MODEL",
     )?;
     let root = resolve_model(model)?;
-    let folder = ModelFolder::open(&root, &["text_encoder", "tokenizer", "unet", "vae", "scheduler"])?;
-    let pipeline = StableDiffusionPipeline::load(&folder, &device, dtype).context("cannot load the model")?;
+    let folder = ModelFolder::open(
+        &root,
+        &["text_encoder", "tokenizer", "unet", "vae", "scheduler"],
+    )?;
+    let pipeline =
+        StableDiffusionPipeline::load(&folder, &device, dtype).context("cannot load the model")?;
 
     let previewer = match (&args.preview, &args.taesd) {
         (Some(_), Some(taesd)) => Some(StableDiffusionPipeline::previewer(Some(
-            AutoencoderTiny::from_taesd_files(None, taesd, dtype, &device).context("cannot load --taesd")?,
+            AutoencoderTiny::from_taesd_files(None, taesd, dtype, &device)
+                .context("cannot load --taesd")?,
         ))),
         (Some(_), None) => Some(StableDiffusionPipeline::previewer(None)),
         (None, Some(_)) => bail!("--taesd is only used with --preview FILE.png"),
@@ -166,8 +175,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
     let bar = ProgressBar::new(request.steps as u64);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps {per_sec} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps {per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut preview_error = None;
     let mut on_step = |p: &ensueno::pipelines::StepProgress| {
@@ -236,7 +247,9 @@ fn rand_seed() -> u64 {
 /// The file of each image: `--output` as given for one image, numbered
 /// `stem-1.ext`, `stem-2.ext`... for a batch.
 fn output_paths(output: Option<&Path>, seed: u64, batch: usize) -> Result<Vec<PathBuf>> {
-    let base = output.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(format!("ensueno-{seed}.png")));
+    let base = output
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(format!("ensueno-{seed}.png")));
     match base.extension().and_then(|e| e.to_str()) {
         Some(e) if e.eq_ignore_ascii_case("png") => {}
         _ => bail!("--output must be a .png file, got {}", base.display()),
@@ -249,6 +262,11 @@ fn output_paths(output: Option<&Path>, seed: u64, batch: usize) -> Result<Vec<Pa
     if batch == 1 {
         return Ok(vec![base]);
     }
-    let stem = base.file_stem().and_then(|s| s.to_str()).unwrap_or("ensueno");
-    Ok((1..=batch).map(|i| base.with_file_name(format!("{stem}-{i}.png"))).collect())
+    let stem = base
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("ensueno");
+    Ok((1..=batch)
+        .map(|i| base.with_file_name(format!("{stem}-{i}.png")))
+        .collect())
 }

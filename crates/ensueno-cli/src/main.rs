@@ -7,7 +7,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "ensueno", version, about = "Text-to-image generation with diffusion models")]
+#[command(
+    name = "ensueno",
+    version,
+    about = "Text-to-image generation with diffusion models"
+)]
 struct Cli {
     /// More log output (-v info, -vv debug).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -31,7 +35,8 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ENSUENO_LOG").unwrap_or_else(|_| level.into()),
+            tracing_subscriber::EnvFilter::try_from_env("ENSUENO_LOG")
+                .unwrap_or_else(|_| level.into()),
         )
         .with_writer(std::io::stderr)
         .without_time()

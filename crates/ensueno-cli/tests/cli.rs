@@ -14,7 +14,10 @@ fn ensueno(args: &[&str]) -> Output {
         .args(args)
         .env_remove("ENSUENO_MODEL")
         .env("HF_HUB_OFFLINE", "1")
-        .env("HF_HOME", std::env::temp_dir().join("ensueno-test-empty-hf-home"))
+        .env(
+            "HF_HOME",
+            std::env::temp_dir().join("ensueno-test-empty-hf-home"),
+        )
         .output()
         .expect("run ensueno")
 }
@@ -28,7 +31,10 @@ fn assert_clean_failure(o: &Output, needle: &str) {
     let err = stderr(o);
     assert!(!o.status.success(), "expected failure, stderr: {err}");
     assert!(!err.contains("panicked"), "panic: {err}");
-    let line = err.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("no error line in: {err}"));
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line in: {err}"));
     assert!(line.contains(needle), "'{line}' should mention '{needle}'");
 }
 
@@ -60,8 +66,16 @@ fn generates_the_image_diffusers_makes_with_a1111_metadata() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let img = image::open(&out).unwrap().to_rgb8();
-    let expected = candle_core::safetensors::load(fixtures().join("sd1_ddim.expected.safetensors"), &candle_core::Device::Cpu).unwrap();
-    let want = expected["pixels"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let expected = candle_core::safetensors::load(
+        fixtures().join("sd1_ddim.expected.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let want = expected["pixels"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     // Reference pixels are CHW.
     let (w, h) = (64usize, 64usize);
     let mut max = 0f32;
@@ -74,7 +88,9 @@ fn generates_the_image_diffusers_makes_with_a1111_metadata() {
         }
     }
     assert!(max <= 3.0, "max pixel difference {max}");
-    let params = ensueno::io::png_info::read_png_parameters(&out).unwrap().unwrap();
+    let params = ensueno::io::png_info::read_png_parameters(&out)
+        .unwrap()
+        .unwrap();
     assert!(params.starts_with("a red apple on a tree\nSteps: 8, Sampler: DDIM, CFG scale: 7.5, Seed: 5, Size: 64x64, Model: tiny-sd1"), "{params}");
 }
 
@@ -83,10 +99,25 @@ fn batch_outputs_are_numbered() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("b.png");
     let model = fixtures().join("tiny-sd1");
-    let o = ensueno(&["generate", "x", "--model", model.to_str().unwrap(), "--steps", "2", "--batch", "2", "--seed", "1", "--output", out.to_str().unwrap()]);
+    let o = ensueno(&[
+        "generate",
+        "x",
+        "--model",
+        model.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--seed",
+        "1",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(dir.path().join("b-1.png").is_file() && dir.path().join("b-2.png").is_file());
-    let p2 = ensueno::io::png_info::read_png_parameters(&dir.path().join("b-2.png")).unwrap().unwrap();
+    let p2 = ensueno::io::png_info::read_png_parameters(&dir.path().join("b-2.png"))
+        .unwrap()
+        .unwrap();
     assert!(p2.contains("Seed: 2"), "{p2}");
 }
 
@@ -111,15 +142,45 @@ fn bad_inputs_fail_with_one_clear_line() {
     let out = dir.path().join("o.png");
     let o_s = out.to_str().unwrap();
 
-    assert_clean_failure(&ensueno(&["generate", "x", "--model", "/no/such/model", "--output", o_s]), "no such folder");
-    assert_clean_failure(&ensueno(&["generate", "x", "--model", "nobody-ensueno/nothing", "--output", o_s]), "--model");
+    assert_clean_failure(
+        &ensueno(&[
+            "generate",
+            "x",
+            "--model",
+            "/no/such/model",
+            "--output",
+            o_s,
+        ]),
+        "no such folder",
+    );
+    assert_clean_failure(
+        &ensueno(&[
+            "generate",
+            "x",
+            "--model",
+            "nobody-ensueno/nothing",
+            "--output",
+            o_s,
+        ]),
+        "--model",
+    );
     assert_clean_failure(&ensueno(&["generate", "x", "--output", o_s]), "--model");
 
     // Partial folder: no unet.
     let partial = dir.path().join("partial");
     copy_dir(&model, &partial);
     std::fs::remove_dir_all(partial.join("unet")).unwrap();
-    assert_clean_failure(&ensueno(&["generate", "x", "--model", partial.to_str().unwrap(), "--output", o_s]), "missing unet/");
+    assert_clean_failure(
+        &ensueno(&[
+            "generate",
+            "x",
+            "--model",
+            partial.to_str().unwrap(),
+            "--output",
+            o_s,
+        ]),
+        "missing unet/",
+    );
 
     // Truncated weights.
     let cut = dir.path().join("cut");
@@ -127,28 +188,96 @@ fn bad_inputs_fail_with_one_clear_line() {
     let w = cut.join("unet/diffusion_pytorch_model.safetensors");
     let bytes = std::fs::read(&w).unwrap();
     std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
-    assert_clean_failure(&ensueno(&["generate", "x", "--model", cut.to_str().unwrap(), "--output", o_s]), "truncated or corrupt");
+    assert_clean_failure(
+        &ensueno(&[
+            "generate",
+            "x",
+            "--model",
+            cut.to_str().unwrap(),
+            "--output",
+            o_s,
+        ]),
+        "truncated or corrupt",
+    );
 
     // Unknown scheduler: clap's own error (exit 2), naming the choices.
     let o = ensueno(&["generate", "x", "--model", m, "--scheduler", "lms"]);
     assert!(!o.status.success() && !stderr(&o).contains("panicked"));
-    assert!(stderr(&o).contains("unknown scheduler 'lms'"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("unknown scheduler 'lms'"),
+        "{}",
+        stderr(&o)
+    );
 
     // Wrong latents shape.
     let lat = fixtures().join("sd1_dpm2m_batch2.latents.npy");
     assert_clean_failure(
-        &ensueno(&["generate", "x", "--model", m, "--latents", lat.to_str().unwrap(), "--width", "64", "--height", "64", "--output", o_s]),
+        &ensueno(&[
+            "generate",
+            "x",
+            "--model",
+            m,
+            "--latents",
+            lat.to_str().unwrap(),
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--output",
+            o_s,
+        ]),
         "initial latents: expected shape [1, 4, 8, 8]",
     );
     // Size not a multiple of 8.
-    assert_clean_failure(&ensueno(&["generate", "x", "--model", m, "--width", "100", "--output", o_s]), "multiple of 8");
+    assert_clean_failure(
+        &ensueno(&[
+            "generate", "x", "--model", m, "--width", "100", "--output", o_s,
+        ]),
+        "multiple of 8",
+    );
     // Unreadable init image.
     let junk = dir.path().join("junk.png");
     std::fs::write(&junk, b"not an image").unwrap();
-    assert_clean_failure(&ensueno(&["generate", "x", "--model", m, "--init-image", junk.to_str().unwrap(), "--output", o_s]), "--init-image");
+    assert_clean_failure(
+        &ensueno(&[
+            "generate",
+            "x",
+            "--model",
+            m,
+            "--init-image",
+            junk.to_str().unwrap(),
+            "--output",
+            o_s,
+        ]),
+        "--init-image",
+    );
     // Strength out of range.
-    assert_clean_failure(&ensueno(&["generate", "x", "--model", m, "--init-image", junk.to_str().unwrap(), "--strength", "1.5", "--output", o_s]), "strength");
+    assert_clean_failure(
+        &ensueno(&[
+            "generate",
+            "x",
+            "--model",
+            m,
+            "--init-image",
+            junk.to_str().unwrap(),
+            "--strength",
+            "1.5",
+            "--output",
+            o_s,
+        ]),
+        "strength",
+    );
     // Output folder missing.
-    assert_clean_failure(&ensueno(&["generate", "x", "--model", m, "--output", "/no/such/dir/a.png"]), "does not exist");
+    assert_clean_failure(
+        &ensueno(&[
+            "generate",
+            "x",
+            "--model",
+            m,
+            "--output",
+            "/no/such/dir/a.png",
+        ]),
+        "does not exist",
+    );
     assert!(!out.exists(), "nothing written on failure");
 }

@@ -17,19 +17,26 @@ fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
         })
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
 }
 
 fn main() -> anyhow::Result<()> {
-    let dir = std::env::args().nth(1).ok_or_else(|| anyhow::anyhow!("usage: sd15_step MODEL_DIR"))?;
+    let dir = std::env::args()
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("usage: sd15_step MODEL_DIR"))?;
     let device = Device::Cpu;
     let t0 = Instant::now();
-    let folder = ModelFolder::open(std::path::Path::new(&dir), &["text_encoder", "tokenizer", "unet", "vae", "scheduler"])?;
+    let folder = ModelFolder::open(
+        std::path::Path::new(&dir),
+        &["text_encoder", "tokenizer", "unet", "vae", "scheduler"],
+    )?;
     let pipe = StableDiffusionPipeline::load(&folder, &device, DType::F32)?;
     println!("TIME load {:.3}", t0.elapsed().as_secs_f64());
 

@@ -39,18 +39,26 @@ fn fixtures() -> PathBuf {
 }
 
 fn load(model: &str) -> StableDiffusionPipeline {
-    let folder = ModelFolder::open(&fixtures().join(model), &["text_encoder", "tokenizer", "unet", "vae", "scheduler"]).unwrap();
+    let folder = ModelFolder::open(
+        &fixtures().join(model),
+        &["text_encoder", "tokenizer", "unet", "vae", "scheduler"],
+    )
+    .unwrap();
     StableDiffusionPipeline::load(&folder, &Device::Cpu, DType::F32).unwrap()
 }
 
 #[test]
 fn txt2img_matches_diffusers() {
-    let index: Index = serde_json::from_str(&std::fs::read_to_string(fixtures().join("cases.json")).unwrap()).unwrap();
+    let index: Index =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("cases.json")).unwrap())
+            .unwrap();
     assert!(index.cases.len() >= 8);
     let mut pipelines = std::collections::HashMap::new();
     let mut report = Vec::new();
     for case in &index.cases {
-        let pipeline = pipelines.entry(case.model.clone()).or_insert_with(|| load(&case.model));
+        let pipeline = pipelines
+            .entry(case.model.clone())
+            .or_insert_with(|| load(&case.model));
         let request = GenerationRequest {
             prompt: case.prompt.clone(),
             negative_prompt: case.negative_prompt.clone(),
@@ -64,7 +72,11 @@ fn txt2img_matches_diffusers() {
             strength: 0.75,
             clip_skip: case.clip_skip,
         };
-        let latents = read_npy(&fixtures().join(format!("{}.latents.npy", case.name)), &Device::Cpu).unwrap();
+        let latents = read_npy(
+            &fixtures().join(format!("{}.latents.npy", case.name)),
+            &Device::Cpu,
+        )
+        .unwrap();
         let mut steps_seen = 0;
         let out = pipeline
             .generate(
@@ -81,34 +93,81 @@ fn txt2img_matches_diffusers() {
             )
             .unwrap();
         assert_eq!(steps_seen, case.steps, "{}", case.name);
-        let expected = candle_core::safetensors::load(fixtures().join(format!("{}.expected.safetensors", case.name)), &Device::Cpu).unwrap();
-        let want = expected["images"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let want_px = expected["pixels"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let expected = candle_core::safetensors::load(
+            fixtures().join(format!("{}.expected.safetensors", case.name)),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let want = expected["images"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let want_px = expected["pixels"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(out.images.len(), case.batch);
         let mut got = Vec::new();
         for img in &out.images {
-            assert_eq!((img.width() as usize, img.height() as usize), (case.width, case.height));
+            assert_eq!(
+                (img.width() as usize, img.height() as usize),
+                (case.width, case.height)
+            );
             // CHW order, as the reference stores it.
-            let t = Tensor::from_vec(img.as_raw().iter().map(|&v| v as f32).collect::<Vec<_>>(), (case.height, case.width, 3), &Device::Cpu)
-                .unwrap()
-                .permute((2, 0, 1))
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let t = Tensor::from_vec(
+                img.as_raw().iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                (case.height, case.width, 3),
+                &Device::Cpu,
+            )
+            .unwrap()
+            .permute((2, 0, 1))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
             got.extend(t);
         }
         assert_eq!(got.len(), want_px.len());
-        let max_px = got.iter().zip(&want_px).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        let mean_px = got.iter().zip(&want_px).map(|(a, b)| (a - b).abs()).sum::<f32>() / got.len() as f32;
+        let max_px = got
+            .iter()
+            .zip(&want_px)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let mean_px = got
+            .iter()
+            .zip(&want_px)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / got.len() as f32;
         // Float comparison: our 8-bit output vs the reference's float image
         // bounds the float error by the rounding (0.5/255) plus the real error.
-        let max_f = got.iter().zip(&want).map(|(a, b)| (a / 255.0 - b).abs()).fold(0f32, f32::max);
-        report.push(format!("{}: max {} mean {:.4} (8-bit), max {:.5} (float)", case.name, max_px, mean_px, max_f));
-        assert!(max_px <= 3.0, "{}: max pixel difference {max_px} > 3", case.name);
-        assert!(mean_px <= 0.5, "{}: mean pixel difference {mean_px} > 0.5", case.name);
-        assert!(max_f <= 3.5 / 255.0, "{}: max float difference {max_f}", case.name);
+        let max_f = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a / 255.0 - b).abs())
+            .fold(0f32, f32::max);
+        report.push(format!(
+            "{}: max {} mean {:.4} (8-bit), max {:.5} (float)",
+            case.name, max_px, mean_px, max_f
+        ));
+        assert!(
+            max_px <= 3.0,
+            "{}: max pixel difference {max_px} > 3",
+            case.name
+        );
+        assert!(
+            mean_px <= 0.5,
+            "{}: mean pixel difference {mean_px} > 0.5",
+            case.name
+        );
+        assert!(
+            max_f <= 3.5 / 255.0,
+            "{}: max float difference {max_f}",
+            case.name
+        );
     }
     eprintln!("{}", report.join("\n"));
 }
@@ -121,7 +180,16 @@ fn same_seed_same_image_and_batch_images_reproduce_alone() {
     request.seed = Some(1234);
     request.batch = 2;
     request.scheduler = ensueno::schedulers::SchedulerKind::EulerAncestral;
-    let run = |r: &GenerationRequest| pipeline.generate(r, GenerationInputs::default(), &Limits::default(), &mut |_| true).unwrap();
+    let run = |r: &GenerationRequest| {
+        pipeline
+            .generate(
+                r,
+                GenerationInputs::default(),
+                &Limits::default(),
+                &mut |_| true,
+            )
+            .unwrap()
+    };
     let a = run(&request);
     let b = run(&request);
     assert_eq!(a.images, b.images);
@@ -137,7 +205,9 @@ fn same_seed_same_image_and_batch_images_reproduce_alone() {
 #[test]
 fn img2img_keeps_the_image_at_strength_zero_and_changes_it_at_one() {
     let pipeline = load("tiny-sd1");
-    let init = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * 4) as u8, (y * 4) as u8, 128]));
+    let init = image::RgbImage::from_fn(64, 64, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 4) as u8, 128])
+    });
     let mut request = GenerationRequest::new("a painting");
     request.steps = 4;
     request.seed = Some(7);
@@ -146,10 +216,18 @@ fn img2img_keeps_the_image_at_strength_zero_and_changes_it_at_one() {
         r.strength = strength;
         let mut steps = 0;
         let out = pipeline
-            .generate(&r, GenerationInputs { init_image: Some(init.clone()), latents: None }, &Limits::default(), &mut |_| {
-                steps += 1;
-                true
-            })
+            .generate(
+                &r,
+                GenerationInputs {
+                    init_image: Some(init.clone()),
+                    latents: None,
+                },
+                &Limits::default(),
+                &mut |_| {
+                    steps += 1;
+                    true
+                },
+            )
             .unwrap();
         (out, steps)
     };
@@ -160,7 +238,13 @@ fn img2img_keeps_the_image_at_strength_zero_and_changes_it_at_one() {
     let (full, steps1) = run(1.0);
     assert_eq!(steps1, 4);
     assert_eq!((zero.width, zero.height), (64, 64));
-    let diff = |a: &image::RgbImage, b: &image::RgbImage| a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| (*x as f32 - *y as f32).abs()).sum::<f32>();
+    let diff = |a: &image::RgbImage, b: &image::RgbImage| {
+        a.as_raw()
+            .iter()
+            .zip(b.as_raw())
+            .map(|(x, y)| (*x as f32 - *y as f32).abs())
+            .sum::<f32>()
+    };
     // With more strength the result moves further from the VAE round trip.
     assert!(diff(&zero.images[0], &half.images[0]) > 0.0);
     assert!(diff(&zero.images[0], &full.images[0]) > diff(&zero.images[0], &half.images[0]) * 0.5);
@@ -171,16 +255,34 @@ fn bad_inputs_are_errors_not_panics() {
     let pipeline = load("tiny-sd1");
     let base = GenerationRequest::new("x");
     let gen = |r: &GenerationRequest, inputs: GenerationInputs| {
-        pipeline.generate(r, inputs, &Limits::default(), &mut |_| true).map(|_| ()).unwrap_err().to_string()
+        pipeline
+            .generate(r, inputs, &Limits::default(), &mut |_| true)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
     };
     let wrong = Tensor::zeros((1, 4, 7, 8), DType::F32, &Device::Cpu).unwrap();
-    let e = gen(&base, GenerationInputs { init_image: None, latents: Some(wrong) });
+    let e = gen(
+        &base,
+        GenerationInputs {
+            init_image: None,
+            latents: Some(wrong),
+        },
+    );
     assert!(e.contains("initial latents"), "{e}");
     let mut r = base.clone();
     r.width = Some(60);
     assert!(gen(&r, GenerationInputs::default()).contains("multiple of 8"));
     let mut r = base.clone();
     r.steps = 2;
-    let cancelled = pipeline.generate(&r, GenerationInputs::default(), &Limits::default(), &mut |p| p.step < 1).map(|_| ()).unwrap_err();
+    let cancelled = pipeline
+        .generate(
+            &r,
+            GenerationInputs::default(),
+            &Limits::default(),
+            &mut |p| p.step < 1,
+        )
+        .map(|_| ())
+        .unwrap_err();
     assert!(matches!(cancelled, ensueno::Error::Cancelled));
 }

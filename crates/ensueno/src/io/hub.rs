@@ -12,7 +12,11 @@ const FILES: &[(&str, &[&str], bool)] = &[
     ("model_index.json", &[], true),
     ("scheduler/scheduler_config.json", &[], true),
     ("text_encoder/config.json", &[], true),
-    ("text_encoder/model.safetensors", &["text_encoder/model.fp16.safetensors"], true),
+    (
+        "text_encoder/model.safetensors",
+        &["text_encoder/model.fp16.safetensors"],
+        true,
+    ),
     ("tokenizer/vocab.json", &[], true),
     ("tokenizer/merges.txt", &[], true),
     ("tokenizer/special_tokens_map.json", &[], false),
@@ -39,7 +43,8 @@ pub fn looks_like_repo_id(spec: &str) -> bool {
             !p.is_empty()
                 && *p != "."
                 && *p != ".."
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
 }
 
@@ -53,7 +58,8 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     if !looks_like_repo_id(spec) {
         return Err(Error::Model {
             path: path.to_path_buf(),
-            message: "no such folder (and not a Hugging Face repo id of the form owner/name)".into(),
+            message: "no such folder (and not a Hugging Face repo id of the form owner/name)"
+                .into(),
         });
     }
     fetch_repo(spec)
@@ -78,7 +84,9 @@ fn fetch_repo(repo: &str) -> Result<PathBuf> {
     let cache = Cache::from_env();
     let cached = cache.repo(Repo::model(repo.to_string()));
     let from_cache = |name: &str, alts: &[&str]| -> Option<PathBuf> {
-        std::iter::once(&name).chain(alts.iter()).find_map(|n| cached.get(n))
+        std::iter::once(&name)
+            .chain(alts.iter())
+            .find_map(|n| cached.get(n))
     };
     if let Some(root) = all_files(repo, |n, a| Ok(from_cache(n, a)))? {
         return Ok(root);
@@ -115,7 +123,11 @@ fn fetch_repo(repo: &str) -> Result<PathBuf> {
             _ => Ok(None),
         }
     })?;
-    root.ok_or_else(|| Error::Hub(format!("'{repo}' on the hub is not a complete diffusers Stable Diffusion repo")))
+    root.ok_or_else(|| {
+        Error::Hub(format!(
+            "'{repo}' on the hub is not a complete diffusers Stable Diffusion repo"
+        ))
+    })
 }
 
 #[cfg(feature = "hub")]
@@ -134,7 +146,10 @@ fn fetch_repo(repo: &str) -> Result<PathBuf> {
 /// Finds every file with `get`; returns the snapshot folder when all the
 /// required ones are there, `None` when one is missing.
 #[cfg_attr(not(feature = "hub"), allow(dead_code))]
-fn all_files(repo: &str, mut get: impl FnMut(&str, &[&str]) -> Result<Option<PathBuf>>) -> Result<Option<PathBuf>> {
+fn all_files(
+    repo: &str,
+    mut get: impl FnMut(&str, &[&str]) -> Result<Option<PathBuf>>,
+) -> Result<Option<PathBuf>> {
     let mut root = None;
     for (name, alts, required) in FILES {
         match get(name, alts)? {
@@ -170,9 +185,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::env::set_var("HF_HOME", dir.path());
         std::env::set_var("HF_HUB_OFFLINE", "1");
-        let e = resolve_model("nobody-ensueno/no-such-model").unwrap_err().to_string();
+        let e = resolve_model("nobody-ensueno/no-such-model")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--model"), "{e}");
-        let e = resolve_model("/definitely/not/here").unwrap_err().to_string();
+        let e = resolve_model("/definitely/not/here")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no such folder"), "{e}");
     }
 }

@@ -49,7 +49,11 @@ pub fn resize(img: &RgbImage, width: u32, height: u32) -> RgbImage {
 /// An image as a `[1, 3, H, W]` tensor with values in [-1, 1], the range VAEs take.
 pub fn image_to_tensor(img: &RgbImage, dtype: DType, device: &Device) -> Result<Tensor> {
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let data: Vec<f32> = img.as_raw().iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
+    let data: Vec<f32> = img
+        .as_raw()
+        .iter()
+        .map(|&v| v as f32 / 127.5 - 1.0)
+        .collect();
     Ok(Tensor::from_vec(data, (h, w, 3), &Device::Cpu)?
         .permute((2, 0, 1))?
         .unsqueeze(0)?

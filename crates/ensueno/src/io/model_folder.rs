@@ -32,8 +32,11 @@ impl ModelIndex {
             path: path.to_path_buf(),
             message,
         };
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
-        let map = value.as_object().ok_or_else(|| bad("expected a JSON object".into()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let map = value
+            .as_object()
+            .ok_or_else(|| bad("expected a JSON object".into()))?;
         let mut index = ModelIndex::default();
         for (key, v) in map {
             if key == "_class_name" {
@@ -41,7 +44,9 @@ impl ModelIndex {
             } else if !key.starts_with('_') {
                 if let Some([lib, class]) = v.as_array().map(|a| a.as_slice()) {
                     if let (Some(lib), Some(class)) = (lib.as_str(), class.as_str()) {
-                        index.components.insert(key.clone(), (lib.to_string(), class.to_string()));
+                        index
+                            .components
+                            .insert(key.clone(), (lib.to_string(), class.to_string()));
                     }
                 }
             }
@@ -93,7 +98,11 @@ impl ModelFolder {
         if !missing.is_empty() {
             return Err(model_err(format!(
                 "incomplete model folder: missing {}",
-                missing.iter().map(|m| format!("{m}/")).collect::<Vec<_>>().join(", ")
+                missing
+                    .iter()
+                    .map(|m| format!("{m}/"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         Ok(folder)
@@ -116,7 +125,11 @@ impl ModelFolder {
                 .parent()
                 .and_then(Path::parent)
                 .and_then(|p| p.file_name())
-                .map(|n| n.to_string_lossy().trim_start_matches("models--").replace("--", "/"))
+                .map(|n| {
+                    n.to_string_lossy()
+                        .trim_start_matches("models--")
+                        .replace("--", "/")
+                })
         } else {
             None
         };
@@ -136,7 +149,10 @@ impl ModelFolder {
 
     /// The class `model_index.json` names for `component`, if any.
     pub fn component_class(&self, component: &str) -> Option<&str> {
-        self.index.components.get(component).map(|(_, c)| c.as_str())
+        self.index
+            .components
+            .get(component)
+            .map(|(_, c)| c.as_str())
     }
 
     /// The folder of `component`.
@@ -176,7 +192,12 @@ impl ModelFolder {
     /// Memory-maps a component's weights; tensors are converted to `dtype` as
     /// they are read. Headers are checked here, so a truncated or corrupt file
     /// fails now with its name rather than later inside a model.
-    pub fn var_builder(&self, component: &str, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    pub fn var_builder(
+        &self,
+        component: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<VarBuilder<'static>> {
         let files = self.weight_files(component)?;
         var_builder_from_files(&files, dtype, device)
     }
@@ -210,7 +231,8 @@ pub fn component_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             return Ok(shards);
         }
     }
-    let has_bin = dir.join("diffusion_pytorch_model.bin").is_file() || dir.join("pytorch_model.bin").is_file();
+    let has_bin = dir.join("diffusion_pytorch_model.bin").is_file()
+        || dir.join("pytorch_model.bin").is_file();
     Err(Error::Model {
         path: dir.to_path_buf(),
         message: if has_bin {
@@ -223,7 +245,11 @@ pub fn component_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// A [`VarBuilder`] over memory-mapped safetensors files, with the files'
 /// headers validated first.
-pub fn var_builder_from_files(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+pub fn var_builder_from_files(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
     for f in files {
         if !f.is_file() {
             return Err(Error::Model {
@@ -239,9 +265,11 @@ pub fn var_builder_from_files(files: &[PathBuf], dtype: DType, device: &Device) 
         })?;
     }
     // SAFETY: as above.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.map_err(|e| Error::Model {
-        path: files.first().cloned().unwrap_or_default(),
-        message: e.to_string(),
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.map_err(|e| {
+        Error::Model {
+            path: files.first().cloned().unwrap_or_default(),
+            message: e.to_string(),
+        }
     })?;
     Ok(vb)
 }
@@ -274,11 +302,15 @@ mod tests {
     #[test]
     fn missing_and_partial_folders_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
-        let e = ModelFolder::open(dir.path(), &["unet"]).unwrap_err().to_string();
+        let e = ModelFolder::open(dir.path(), &["unet"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("model_index.json is missing"), "{e}");
         std::fs::write(dir.path().join("model_index.json"), r#"{"_class_name":"StableDiffusionPipeline","unet":["diffusers","UNet2DConditionModel"]}"#).unwrap();
         std::fs::create_dir(dir.path().join("unet")).unwrap();
-        let e = ModelFolder::open(dir.path(), &["unet", "vae", "tokenizer"]).unwrap_err().to_string();
+        let e = ModelFolder::open(dir.path(), &["unet", "vae", "tokenizer"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing vae/, tokenizer/"), "{e}");
         let f = ModelFolder::open(dir.path(), &["unet"]).unwrap();
         assert_eq!(f.component_class("unet"), Some("UNet2DConditionModel"));
@@ -291,16 +323,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let good = dir.path().join("model.safetensors");
         let t = candle_core::Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap();
-        candle_core::safetensors::save(&std::collections::HashMap::from([("w".to_string(), t)]), &good).unwrap();
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([("w".to_string(), t)]),
+            &good,
+        )
+        .unwrap();
         assert!(var_builder_from_files(&[good.clone()], DType::F32, &Device::Cpu).is_ok());
         let bytes = std::fs::read(&good).unwrap();
         let cut = dir.path().join("cut.safetensors");
         std::fs::write(&cut, &bytes[..bytes.len() - 8]).unwrap();
-        let e = var_builder_from_files(&[cut], DType::F32, &Device::Cpu).err().unwrap().to_string();
+        let e = var_builder_from_files(&[cut], DType::F32, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("truncated or corrupt"), "{e}");
         let junk = dir.path().join("junk.safetensors");
         std::fs::write(&junk, b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage").unwrap();
-        let e = var_builder_from_files(&[junk], DType::F32, &Device::Cpu).err().unwrap().to_string();
+        let e = var_builder_from_files(&[junk], DType::F32, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("truncated or corrupt"), "{e}");
     }
 }

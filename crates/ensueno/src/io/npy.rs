@@ -12,7 +12,8 @@ use crate::{Error, Result};
 /// Reads a little-endian f4/f8/f2 array in C order as an f32 tensor on `device`.
 pub fn read_npy(path: &Path, device: &Device) -> Result<Tensor> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    parse_npy(&bytes, device).map_err(|message| Error::InvalidInput(format!("{}: {message}", path.display())))
+    parse_npy(&bytes, device)
+        .map_err(|message| Error::InvalidInput(format!("{}: {message}", path.display())))
 }
 
 fn parse_npy(bytes: &[u8], device: &Device) -> std::result::Result<Tensor, String> {
@@ -27,17 +28,25 @@ fn parse_npy(bytes: &[u8], device: &Device) -> std::result::Result<Tensor, Strin
             if bytes.len() < 12 {
                 return Err("truncated header".into());
             }
-            (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
+            (
+                u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+                12,
+            )
         }
         v => return Err(format!("unsupported .npy version {v}")),
     };
-    let end = start.checked_add(header_len).filter(|&e| e <= bytes.len()).ok_or("truncated header")?;
+    let end = start
+        .checked_add(header_len)
+        .filter(|&e| e <= bytes.len())
+        .ok_or("truncated header")?;
     let header = std::str::from_utf8(&bytes[start..end]).map_err(|_| "header is not text")?;
     let descr = dict_value(header, "descr").ok_or("header has no 'descr'")?;
     let descr = descr.trim_matches(|c| c == '\'' || c == '"');
     let fortran = dict_value(header, "fortran_order").ok_or("header has no 'fortran_order'")?;
     if fortran.trim() != "False" {
-        return Err("Fortran-ordered arrays are not supported; save with np.ascontiguousarray".into());
+        return Err(
+            "Fortran-ordered arrays are not supported; save with np.ascontiguousarray".into(),
+        );
     }
     let shape_text = dict_value(header, "shape").ok_or("header has no 'shape'")?;
     let shape = parse_shape(shape_text)?;
@@ -52,11 +61,9 @@ fn parse_npy(bytes: &[u8], device: &Device) -> std::result::Result<Tensor, Strin
             f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
         }),
         "<f2" | "=f2" => (2, |b| half_to_f32(u16::from_le_bytes([b[0], b[1]]))),
-        other => {
-            return Err(format!(
-                "dtype '{other}' is not supported (expected little-endian float32, float64 or float16)"
-            ))
-        }
+        other => return Err(format!(
+            "dtype '{other}' is not supported (expected little-endian float32, float64 or float16)"
+        )),
     };
     let needed = count.checked_mul(width).ok_or("shape is too large")?;
     if data.len() != needed {
@@ -81,7 +88,13 @@ pub fn write_npy(path: &Path, tensor: &Tensor) -> Result<()> {
         .to_vec1()?;
     let shape = match dims.len() {
         1 => format!("({},)", dims[0]),
-        _ => format!("({})", dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+        _ => format!(
+            "({})",
+            dims.iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
     // The data must start on a 64-byte boundary; the header ends with '\n'.
@@ -92,7 +105,8 @@ pub fn write_npy(path: &Path, tensor: &Tensor) -> Result<()> {
     super::atomic::write_atomic(path, |w| {
         let io = |e| Error::io(path, e);
         w.write_all(b"\x93NUMPY\x01\x00").map_err(io)?;
-        w.write_all(&(header.len() as u16).to_le_bytes()).map_err(io)?;
+        w.write_all(&(header.len() as u16).to_le_bytes())
+            .map_err(io)?;
         w.write_all(header.as_bytes()).map_err(io)?;
         for v in &values {
             w.write_all(&v.to_le_bytes()).map_err(io)?;
@@ -102,7 +116,9 @@ pub fn write_npy(path: &Path, tensor: &Tensor) -> Result<()> {
 }
 
 fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
-    let pos = header.find(&format!("'{key}'")).or_else(|| header.find(&format!("\"{key}\"")))?;
+    let pos = header
+        .find(&format!("'{key}'"))
+        .or_else(|| header.find(&format!("\"{key}\"")))?;
     let rest = &header[pos + key.len() + 2..];
     let rest = rest.trim_start().strip_prefix(':')?.trim_start();
     if rest.starts_with('(') {
@@ -119,7 +135,11 @@ fn parse_shape(text: &str) -> std::result::Result<Vec<usize>, String> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.trim_end_matches('L').parse::<usize>().map_err(|_| format!("bad shape {text}")))
+        .map(|s| {
+            s.trim_end_matches('L')
+                .parse::<usize>()
+                .map_err(|_| format!("bad shape {text}"))
+        })
         .collect()
 }
 
@@ -153,11 +173,17 @@ mod tests {
     fn round_trips_and_rejects_bad_files() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.npy");
-        let t = Tensor::arange(0f32, 24.0, &Device::Cpu).unwrap().reshape((2, 3, 4)).unwrap();
+        let t = Tensor::arange(0f32, 24.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3, 4))
+            .unwrap();
         write_npy(&p, &t).unwrap();
         let back = read_npy(&p, &Device::Cpu).unwrap();
         assert_eq!(back.dims(), &[2, 3, 4]);
-        assert_eq!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap(), t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(
+            back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
 
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() - 4]).unwrap();
@@ -165,7 +191,10 @@ mod tests {
         assert!(err.contains("expected 96 bytes"), "{err}");
 
         std::fs::write(&p, b"hello world, not numpy").unwrap();
-        assert!(read_npy(&p, &Device::Cpu).unwrap_err().to_string().contains("bad magic"));
+        assert!(read_npy(&p, &Device::Cpu)
+            .unwrap_err()
+            .to_string()
+            .contains("bad magic"));
     }
 
     #[test]

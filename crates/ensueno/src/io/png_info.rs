@@ -100,7 +100,9 @@ impl PngParameters {
                     p.height = h.parse().map_err(|_| bad())?;
                 }
                 "Model" => p.model = value.clone(),
-                "Denoising strength" => p.denoising_strength = Some(value.parse().map_err(|_| bad())?),
+                "Denoising strength" => {
+                    p.denoising_strength = Some(value.parse().map_err(|_| bad())?)
+                }
                 _ => {}
             }
         }
@@ -140,7 +142,8 @@ fn split_fields(line: &str) -> Vec<(String, String)> {
             }
             let end = end.unwrap_or(rest.len() - 1);
             let quoted = &rest[..=end];
-            value = serde_json::from_str::<String>(quoted).unwrap_or_else(|_| quoted.trim_matches('"').to_string());
+            value = serde_json::from_str::<String>(quoted)
+                .unwrap_or_else(|_| quoted.trim_matches('"').to_string());
             rest = rest[end + 1..].trim_start_matches(',').trim_start();
         } else {
             let end = rest.find(", ").unwrap_or(rest.len());
@@ -156,7 +159,11 @@ fn split_fields(line: &str) -> Vec<(String, String)> {
 ///
 /// The chunk is `tEXt` when the text is Latin-1 (what A1111 and PIL write) and
 /// `iTXt` (UTF-8) otherwise, so prompts in any language survive.
-pub fn save_png_with_parameters(path: &Path, image: &RgbImage, parameters: Option<&str>) -> Result<()> {
+pub fn save_png_with_parameters(
+    path: &Path,
+    image: &RgbImage,
+    parameters: Option<&str>,
+) -> Result<()> {
     super::atomic::write_atomic(path, |w| {
         let mut encoder = png::Encoder::new(w, image.width(), image.height());
         encoder.set_color(png::ColorType::Rgb);
@@ -168,9 +175,13 @@ pub fn save_png_with_parameters(path: &Path, image: &RgbImage, parameters: Optio
         if let Some(text) = parameters {
             let latin1 = text.chars().all(|c| (c as u32) < 256 && c != '\0');
             if latin1 {
-                encoder.add_text_chunk("parameters".into(), text.into()).map_err(png_err)?;
+                encoder
+                    .add_text_chunk("parameters".into(), text.into())
+                    .map_err(png_err)?;
             } else {
-                encoder.add_itxt_chunk("parameters".into(), text.into()).map_err(png_err)?;
+                encoder
+                    .add_itxt_chunk("parameters".into(), text.into())
+                    .map_err(png_err)?;
             }
         }
         let mut writer = encoder.write_header().map_err(png_err)?;
@@ -189,10 +200,18 @@ pub fn read_png_parameters(path: &Path) -> Result<Option<String>> {
         message: e.to_string(),
     })?;
     let info = reader.info();
-    if let Some(t) = info.uncompressed_latin1_text.iter().find(|t| t.keyword == "parameters") {
+    if let Some(t) = info
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+    {
         return Ok(Some(t.text.clone()));
     }
-    if let Some(t) = info.compressed_latin1_text.iter().find(|t| t.keyword == "parameters") {
+    if let Some(t) = info
+        .compressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+    {
         return Ok(t.get_text().ok());
     }
     if let Some(t) = info.utf8_text.iter().find(|t| t.keyword == "parameters") {

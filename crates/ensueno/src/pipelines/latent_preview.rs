@@ -50,7 +50,11 @@ fn linear_rgb(latents: &Tensor) -> Result<Tensor> {
         let flat: Vec<f32> = SD_LATENT_RGB.iter().flatten().copied().collect();
         let m = Tensor::from_vec(flat, (4, 3), &Device::Cpu)?.to_device(latents.device())?;
         // [B, h, w, 4] x [4, 3] -> [B, 3, h, w]
-        latents.permute((0, 2, 3, 1))?.broadcast_matmul(&m)?.permute((0, 3, 1, 2))?
+        latents
+            .permute((0, 2, 3, 1))?
+            .contiguous()?
+            .broadcast_matmul(&m)?
+            .permute((0, 3, 1, 2))?
     } else {
         // No colour map for this latent space: show the mean channel in grey.
         latents.mean_keepdim(1)?.repeat((1, 3, 1, 1))?
@@ -72,7 +76,9 @@ mod tests {
         let mut data = vec![0f32; 4 * 2 * 2];
         data[..4].iter_mut().for_each(|v| *v = 2.0);
         let z = Tensor::from_vec(data, (1, 4, 2, 2), &Device::Cpu).unwrap();
-        let px = LatentPreviewer::Linear.preview(&z).unwrap()[0].get_pixel(0, 0).0;
+        let px = LatentPreviewer::Linear.preview(&z).unwrap()[0]
+            .get_pixel(0, 0)
+            .0;
         assert!(px[0] > px[2], "{px:?}");
     }
 }

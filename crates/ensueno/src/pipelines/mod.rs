@@ -9,4 +9,6 @@ pub mod request;
 pub mod stable_diffusion;
 
 pub use request::{GenerationRequest, Limits};
-pub use stable_diffusion::{GenerationInputs, GenerationOutput, StableDiffusionPipeline, StepProgress};
+pub use stable_diffusion::{
+    GenerationInputs, GenerationOutput, StableDiffusionPipeline, StepProgress,
+};

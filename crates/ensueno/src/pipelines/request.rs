@@ -99,7 +99,10 @@ impl GenerationRequest {
                 limits.max_steps, self.steps
             )));
         }
-        if !self.guidance_scale.is_finite() || self.guidance_scale < 0.0 || self.guidance_scale > 100.0 {
+        if !self.guidance_scale.is_finite()
+            || self.guidance_scale < 0.0
+            || self.guidance_scale > 100.0
+        {
             return Err(Error::invalid(format!(
                 "guidance_scale must be between 0 and 100, got {}",
                 self.guidance_scale
@@ -118,7 +121,10 @@ impl GenerationRequest {
             )));
         }
         if self.clip_skip > 8 {
-            return Err(Error::invalid(format!("clip_skip must be at most 8, got {}", self.clip_skip)));
+            return Err(Error::invalid(format!(
+                "clip_skip must be at most 8, got {}",
+                self.clip_skip
+            )));
         }
         for (name, value, max) in [
             ("width", self.width, limits.max_width),
@@ -126,7 +132,9 @@ impl GenerationRequest {
         ] {
             if let Some(v) = value {
                 if v == 0 || v > max {
-                    return Err(Error::invalid(format!("{name} must be between 1 and {max}, got {v}")));
+                    return Err(Error::invalid(format!(
+                        "{name} must be between 1 and {max}, got {v}"
+                    )));
                 }
                 if v % size_multiple != 0 {
                     return Err(Error::invalid(format!(
@@ -172,11 +180,23 @@ mod tests {
 
     #[test]
     fn defaults_and_json_field_names() {
-        let r: GenerationRequest = serde_json::from_str(r#"{"prompt":"a cat","negative_prompt":"dog","scheduler":"euler-a","width":512}"#).unwrap();
+        let r: GenerationRequest = serde_json::from_str(
+            r#"{"prompt":"a cat","negative_prompt":"dog","scheduler":"euler-a","width":512}"#,
+        )
+        .unwrap();
         assert_eq!(r.scheduler, SchedulerKind::EulerAncestral);
-        assert_eq!((r.steps, r.batch, r.width, r.height), (25, 1, Some(512), None));
-        assert!(serde_json::from_str::<GenerationRequest>(r#"{"prompt":"x","sampler":"euler"}"#).is_err());
-        assert!(serde_json::from_str::<GenerationRequest>(r#"{"prompt":"x","scheduler":"lms"}"#).is_err());
+        assert_eq!(
+            (r.steps, r.batch, r.width, r.height),
+            (25, 1, Some(512), None)
+        );
+        assert!(
+            serde_json::from_str::<GenerationRequest>(r#"{"prompt":"x","sampler":"euler"}"#)
+                .is_err()
+        );
+        assert!(
+            serde_json::from_str::<GenerationRequest>(r#"{"prompt":"x","scheduler":"lms"}"#)
+                .is_err()
+        );
     }
 
     #[test]
@@ -193,7 +213,10 @@ mod tests {
             (Box::new(|r| r.strength = -0.1), "strength"),
             (Box::new(|r| r.strength = f64::NAN), "strength"),
             (Box::new(|r| r.batch = 0), "batch"),
-            (Box::new(|r| r.guidance_scale = f64::INFINITY), "guidance_scale"),
+            (
+                Box::new(|r| r.guidance_scale = f64::INFINITY),
+                "guidance_scale",
+            ),
             (Box::new(|r| r.prompt = "a".repeat(30_000)), "prompt"),
         ];
         for (mutate, needle) in cases {

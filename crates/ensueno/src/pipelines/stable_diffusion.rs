@@ -118,8 +118,14 @@ impl StableDiffusionPipeline {
 
     /// The size the model was trained at, in pixels (width, height).
     pub fn default_size(&self) -> (usize, usize) {
-        let s = self.unet_config.sample_size * self.vae_scale_factor();
-        (s, s)
+        use crate::models::unet_2d_condition::OneOrMany;
+        let f = self.vae_scale_factor();
+        // sample_size is one number, or [height, width].
+        match &self.unet_config.sample_size {
+            Some(OneOrMany::One(s)) => (s * f, s * f),
+            Some(OneOrMany::Many(v)) if v.len() == 2 => (v[1] * f, v[0] * f),
+            _ => (512, 512),
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -169,8 +175,11 @@ impl StableDiffusionPipeline {
         let latent_channels = self.unet_config.in_channels;
 
         let base_seed = request.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
-        let seeds: Vec<u64> = (0..batch).map(|i| GenerationRequest::image_seed(base_seed, i)).collect();
-        let mut generators: Vec<NoiseGenerator> = seeds.iter().map(|&s| NoiseGenerator::new(s)).collect();
+        let seeds: Vec<u64> = (0..batch)
+            .map(|i| GenerationRequest::image_seed(base_seed, i))
+            .collect();
+        let mut generators: Vec<NoiseGenerator> =
+            seeds.iter().map(|&s| NoiseGenerator::new(s)).collect();
 
         // Text conditioning: [negative x batch, positive x batch], the order
         // diffusers concatenates them in.
@@ -184,9 +193,13 @@ impl StableDiffusionPipeline {
         }
         let positive = positive.repeat((batch, 1, 1))?;
         let context = if guidance {
-            let (negative, truncated) = self.encode_prompt(&request.negative_prompt, request.clip_skip)?;
+            // diffusers applies clip_skip to the prompt only, never to the
+            // negative prompt; do the same so images match it.
+            let (negative, truncated) = self.encode_prompt(&request.negative_prompt, 0)?;
             if truncated {
-                warnings.push("the negative prompt is longer than CLIP's window; the end was cut off".into());
+                warnings.push(
+                    "the negative prompt is longer than CLIP's window; the end was cut off".into(),
+                );
             }
             Tensor::cat(&[negative.repeat((batch, 1, 1))?, positive], 0)?
         } else {
@@ -208,7 +221,8 @@ impl StableDiffusionPipeline {
             }
             Some(img) => {
                 let init = self.encode_init_image(img, width, height, &mut generators)?;
-                let init_steps = ((request.steps as f64 * request.strength) as usize).min(request.steps);
+                let init_steps =
+                    ((request.steps as f64 * request.strength) as usize).min(request.steps);
                 let t_start = request.steps - init_steps;
                 let order = scheduler.order();
                 timesteps = timesteps.split_off((t_start * order).min(timesteps.len()));
@@ -227,7 +241,18 @@ impl StableDiffusionPipeline {
 
         let total_steps = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
-            latents = self.denoise_step(scheduler.as_mut(), &latents, &context, t, request.guidance_scale, guidance, &mut generators, i + 1, total_steps, on_step)?;
+            latents = self.denoise_step(
+                scheduler.as_mut(),
+                &latents,
+                &context,
+                t,
+                request.guidance_scale,
+                guidance,
+                &mut generators,
+                i + 1,
+                total_steps,
+                on_step,
+            )?;
         }
 
         let images = self.decode_latents(&latents)?;
@@ -292,7 +317,11 @@ impl StableDiffusionPipeline {
 
     /// One N(0, 1) draw per image from that image's own generator, so image
     /// `i` of a batch equals the image made alone with seed `seed + i`.
-    fn draw_noise(&self, generators: &mut [NoiseGenerator], chw: (usize, usize, usize)) -> Result<Tensor> {
+    fn draw_noise(
+        &self,
+        generators: &mut [NoiseGenerator],
+        chw: (usize, usize, usize),
+    ) -> Result<Tensor> {
         let parts = generators
             .iter_mut()
             .map(|g| g.randn((1, chw.0, chw.1, chw.2), self.dtype, &self.device))
@@ -337,7 +366,9 @@ impl StableDiffusionPipeline {
     }
 
     /// A previewer for this model: TAESD when given, else the linear map.
-    pub fn previewer(taesd: Option<crate::models::autoencoder_tiny::AutoencoderTiny>) -> LatentPreviewer {
+    pub fn previewer(
+        taesd: Option<crate::models::autoencoder_tiny::AutoencoderTiny>,
+    ) -> LatentPreviewer {
         match taesd {
             Some(t) => LatentPreviewer::Taesd(Box::new(t)),
             None => LatentPreviewer::Linear,
