@@ -88,7 +88,7 @@ fn fetch_repo(repo: &str) -> Result<PathBuf> {
             .chain(alts.iter())
             .find_map(|n| cached.get(n))
     };
-    if let Some(root) = all_files(repo, |n, a| Ok(from_cache(n, a)))? {
+    if let Some(root) = all_files(|n, a| Ok(from_cache(n, a)))? {
         return Ok(root);
     }
     if offline() {
@@ -102,7 +102,7 @@ fn fetch_repo(repo: &str) -> Result<PathBuf> {
         .build()
         .map_err(|e| Error::Hub(format!("cannot use the Hugging Face hub: {e}")))?;
     let remote = api.model(repo.to_string());
-    let root = all_files(repo, |name, alts| {
+    let root = all_files(|name, alts| {
         if let Some(p) = from_cache(name, alts) {
             return Ok(Some(p));
         }
@@ -147,22 +147,17 @@ fn fetch_repo(repo: &str) -> Result<PathBuf> {
 /// required ones are there, `None` when one is missing.
 #[cfg_attr(not(feature = "hub"), allow(dead_code))]
 fn all_files(
-    repo: &str,
     mut get: impl FnMut(&str, &[&str]) -> Result<Option<PathBuf>>,
 ) -> Result<Option<PathBuf>> {
     let mut root = None;
     for (name, alts, required) in FILES {
         match get(name, alts)? {
-            Some(p) => {
-                if *name == "model_index.json" {
-                    root = p.parent().map(Path::to_path_buf);
-                }
-            }
+            Some(p) if *name == "model_index.json" => root = p.parent().map(Path::to_path_buf),
+            Some(_) => {}
             None if *required => return Ok(None),
             None => {}
         }
     }
-    let _ = repo;
     Ok(root)
 }
 

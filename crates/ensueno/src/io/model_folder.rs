@@ -328,7 +328,9 @@ mod tests {
             &good,
         )
         .unwrap();
-        assert!(var_builder_from_files(&[good.clone()], DType::F32, &Device::Cpu).is_ok());
+        assert!(
+            var_builder_from_files(std::slice::from_ref(&good), DType::F32, &Device::Cpu).is_ok()
+        );
         let bytes = std::fs::read(&good).unwrap();
         let cut = dir.path().join("cut.safetensors");
         std::fs::write(&cut, &bytes[..bytes.len() - 8]).unwrap();

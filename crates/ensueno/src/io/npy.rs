@@ -61,9 +61,11 @@ fn parse_npy(bytes: &[u8], device: &Device) -> std::result::Result<Tensor, Strin
             f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
         }),
         "<f2" | "=f2" => (2, |b| half_to_f32(u16::from_le_bytes([b[0], b[1]]))),
-        other => return Err(format!(
+        other => {
+            return Err(format!(
             "dtype '{other}' is not supported (expected little-endian float32, float64 or float16)"
-        )),
+        ))
+        }
     };
     let needed = count.checked_mul(width).ok_or("shape is too large")?;
     if data.len() != needed {

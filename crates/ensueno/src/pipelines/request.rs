@@ -204,7 +204,8 @@ mod tests {
         let limits = Limits::default();
         let ok = GenerationRequest::new("x");
         assert!(ok.validate(&limits, 8).is_ok());
-        let cases: Vec<(Box<dyn Fn(&mut GenerationRequest)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut GenerationRequest)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|r| r.width = Some(500)), "multiple of 8"),
             (Box::new(|r| r.height = Some(0)), "between 1 and"),
             (Box::new(|r| r.width = Some(1 << 20)), "between 1 and 2048"),
