@@ -8,6 +8,7 @@
 pub mod error;
 pub mod io;
 pub mod models;
+pub mod ops;
 pub mod pipelines;
 pub mod schedulers;
 pub mod utils;
