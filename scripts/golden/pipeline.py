@@ -29,9 +29,13 @@ from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from PIL import Image
+import diffusers.models.autoencoders.vae as diffusers_vae
+import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as diffusers_img2img
 import diffusers
 import transformers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -265,9 +269,95 @@ def main():
                 "clip_skip": clip_skip or 0,
             }
         )
+    index["img2img_cases"] = img2img(pipes)
     with open(os.path.join(OUT, "cases.json"), "w") as f:
         json.dump(index, f, indent=2)
     print("wrote", OUT)
+
+
+IMG2IMG_CASES = [
+    # name, kind, scheduler, prompt, negative, steps, guidance, strength
+    ("sd1_img2img_ddim", "sd1", "ddim", "a watercolor of a house", "", 10, 7.5, 0.6),
+    ("sd1_img2img_euler", "sd1", "euler", "an oil painting", "blurry", 8, 6.0, 0.8),
+    ("sd2_img2img_dpm2m", "sd2", "dpm++2m", "a sketch", "", 10, 7.5, 0.5),
+]
+
+
+def init_image():
+    """A deterministic 64x64 test picture: gradients and a disc."""
+    y, x = np.mgrid[0:64, 0:64]
+    r = (x * 4).astype(np.uint8)
+    g = (y * 4).astype(np.uint8)
+    b = np.where((x - 30) ** 2 + (y - 34) ** 2 < 200, 230, 40).astype(np.uint8)
+    return Image.fromarray(np.stack([r, g, b], axis=-1), "RGB")
+
+
+def img2img(pipes):
+    """img2img draws two N(0,1) tensors: the VAE posterior sample, then the
+    noise added to the init latents. Feed both from fixed, saved arrays so the
+    Rust side can use the same ones."""
+    img = init_image()
+    img.save(os.path.join(OUT, "init.png"))
+    cases = []
+    for name, kind, sched, prompt, negative, steps, guidance, strength in IMG2IMG_CASES:
+        pipe, sconf = pipes[kind]
+        i2i = StableDiffusionImg2ImgPipeline(**pipe.components)
+        i2i.scheduler = SCHEDULERS[sched](sconf)
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        posterior = torch.randn((1, 4, 8, 8), generator=g)
+        noise = torch.randn((1, 4, 8, 8), generator=g)
+        queue = [posterior, noise]
+        used = []
+
+        def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
+            t = queue.pop(0)
+            assert tuple(shape) == tuple(t.shape), (shape, t.shape)
+            used.append(t)
+            return t.to(dtype=dtype or t.dtype)
+
+        orig = (diffusers_vae.randn_tensor, diffusers_img2img.randn_tensor)
+        diffusers_vae.randn_tensor = fake_randn
+        diffusers_img2img.randn_tensor = fake_randn
+        try:
+            with torch.no_grad():
+                out = i2i(
+                    prompt=prompt,
+                    negative_prompt=negative if guidance > 1 else None,
+                    image=img,
+                    strength=strength,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    output_type="np",
+                ).images
+        finally:
+            diffusers_vae.randn_tensor, diffusers_img2img.randn_tensor = orig
+        assert len(used) == 2 and not queue, "img2img did not draw exactly the two saved tensors"
+        np.save(os.path.join(OUT, f"{name}.posterior.npy"), posterior.numpy())
+        np.save(os.path.join(OUT, f"{name}.noise.npy"), noise.numpy())
+        images = np.ascontiguousarray(out.transpose(0, 3, 1, 2).astype(np.float32))
+        pixels = np.ascontiguousarray((out * 255).round().astype("uint8").transpose(0, 3, 1, 2))
+        save_file(
+            {"images": torch.from_numpy(images), "pixels": torch.from_numpy(pixels.astype(np.float32))},
+            os.path.join(OUT, f"{name}.expected.safetensors"),
+        )
+        print(f"{name}: images {images.shape}, mean {images.mean():.3f}")
+        cases.append(
+            {
+                "name": name,
+                "model": f"tiny-{kind}",
+                "scheduler": sched,
+                "prompt": prompt,
+                "negative_prompt": negative,
+                "steps": steps,
+                "guidance_scale": guidance,
+                "strength": strength,
+                "batch": 1,
+                "height": 64,
+                "width": 64,
+                "clip_skip": 0,
+            }
+        )
+    return cases
 
 
 if __name__ == "__main__":

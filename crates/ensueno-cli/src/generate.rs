@@ -205,6 +205,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         GenerationInputs {
             init_image,
             latents,
+            posterior_noise: None,
         },
         &limits,
         &mut on_step,

@@ -64,8 +64,8 @@ fn main() -> anyhow::Result<()> {
     pipe.generate(
         &request,
         GenerationInputs {
-            init_image: None,
             latents: Some(latents),
+            ..Default::default()
         },
         &Limits::default(),
         &mut |_| true,

@@ -17,6 +17,7 @@ use serde::Deserialize;
 #[derive(Deserialize)]
 struct Index {
     cases: Vec<Case>,
+    img2img_cases: Vec<Case>,
 }
 
 #[derive(Deserialize)]
@@ -32,10 +33,79 @@ struct Case {
     height: usize,
     width: usize,
     clip_skip: usize,
+    #[serde(default)]
+    strength: f64,
 }
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline")
+}
+
+/// Compares 8-bit images with the reference's (CHW) pixels and float image;
+/// returns a report line.
+fn compare(
+    name: &str,
+    images: &[image::RgbImage],
+    expected: &std::collections::HashMap<String, Tensor>,
+    width: usize,
+    height: usize,
+) -> String {
+    let want = expected["images"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let want_px = expected["pixels"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let mut got = Vec::new();
+    for img in images {
+        assert_eq!(
+            (img.width() as usize, img.height() as usize),
+            (width, height)
+        );
+        let t = Tensor::from_vec(
+            img.as_raw().iter().map(|&v| v as f32).collect::<Vec<_>>(),
+            (height, width, 3),
+            &Device::Cpu,
+        )
+        .unwrap()
+        .permute((2, 0, 1))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+        got.extend(t);
+    }
+    assert_eq!(got.len(), want_px.len());
+    let max_px = got
+        .iter()
+        .zip(&want_px)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let mean_px = got
+        .iter()
+        .zip(&want_px)
+        .map(|(a, b)| (a - b).abs())
+        .sum::<f32>()
+        / got.len() as f32;
+    // Our 8-bit output against the reference's float image: bounded by the
+    // rounding (0.5/255) plus the real error.
+    let max_f = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a / 255.0 - b).abs())
+        .fold(0f32, f32::max);
+    assert!(max_px <= 3.0, "{name}: max pixel difference {max_px} > 3");
+    assert!(
+        mean_px <= 0.5,
+        "{name}: mean pixel difference {mean_px} > 0.5"
+    );
+    assert!(max_f <= 3.5 / 255.0, "{name}: max float difference {max_f}");
+    format!("{name}: max {max_px} mean {mean_px:.4} (8-bit), max {max_f:.5} (float)")
 }
 
 fn load(model: &str) -> StableDiffusionPipeline {
@@ -82,8 +152,8 @@ fn txt2img_matches_diffusers() {
             .generate(
                 &request,
                 GenerationInputs {
-                    init_image: None,
                     latents: Some(latents),
+                    ..Default::default()
                 },
                 &Limits::default(),
                 &mut |p| {
@@ -98,76 +168,77 @@ fn txt2img_matches_diffusers() {
             &Device::Cpu,
         )
         .unwrap();
-        let want = expected["images"]
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let want_px = expected["pixels"]
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
         assert_eq!(out.images.len(), case.batch);
-        let mut got = Vec::new();
-        for img in &out.images {
-            assert_eq!(
-                (img.width() as usize, img.height() as usize),
-                (case.width, case.height)
-            );
-            // CHW order, as the reference stores it.
-            let t = Tensor::from_vec(
-                img.as_raw().iter().map(|&v| v as f32).collect::<Vec<_>>(),
-                (case.height, case.width, 3),
+        report.push(compare(
+            &case.name,
+            &out.images,
+            &expected,
+            case.width,
+            case.height,
+        ));
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+#[test]
+fn img2img_matches_diffusers() {
+    let index: Index =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("cases.json")).unwrap())
+            .unwrap();
+    assert!(index.img2img_cases.len() >= 3);
+    let init = image::open(fixtures().join("init.png")).unwrap().to_rgb8();
+    let mut report = Vec::new();
+    for case in &index.img2img_cases {
+        let pipeline = load(&case.model);
+        let request = GenerationRequest {
+            prompt: case.prompt.clone(),
+            negative_prompt: case.negative_prompt.clone(),
+            steps: case.steps,
+            guidance_scale: case.guidance_scale,
+            scheduler: case.scheduler.parse().unwrap(),
+            width: None,
+            height: None,
+            seed: Some(0),
+            batch: 1,
+            strength: case.strength,
+            clip_skip: 0,
+        };
+        let npy = |what: &str| {
+            read_npy(
+                &fixtures().join(format!("{}.{what}.npy", case.name)),
                 &Device::Cpu,
             )
             .unwrap()
-            .permute((2, 0, 1))
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
+        };
+        let mut steps_seen = 0;
+        let out = pipeline
+            .generate(
+                &request,
+                GenerationInputs {
+                    init_image: Some(init.clone()),
+                    latents: Some(npy("noise")),
+                    posterior_noise: Some(npy("posterior")),
+                },
+                &Limits::default(),
+                &mut |_| {
+                    steps_seen += 1;
+                    true
+                },
+            )
             .unwrap();
-            got.extend(t);
-        }
-        assert_eq!(got.len(), want_px.len());
-        let max_px = got
-            .iter()
-            .zip(&want_px)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        let mean_px = got
-            .iter()
-            .zip(&want_px)
-            .map(|(a, b)| (a - b).abs())
-            .sum::<f32>()
-            / got.len() as f32;
-        // Float comparison: our 8-bit output vs the reference's float image
-        // bounds the float error by the rounding (0.5/255) plus the real error.
-        let max_f = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a / 255.0 - b).abs())
-            .fold(0f32, f32::max);
-        report.push(format!(
-            "{}: max {} mean {:.4} (8-bit), max {:.5} (float)",
-            case.name, max_px, mean_px, max_f
-        ));
-        assert!(
-            max_px <= 3.0,
-            "{}: max pixel difference {max_px} > 3",
+        // diffusers: int(steps * strength) denoising steps.
+        assert_eq!(
+            steps_seen,
+            (case.steps as f64 * case.strength) as usize,
+            "{}",
             case.name
         );
-        assert!(
-            mean_px <= 0.5,
-            "{}: mean pixel difference {mean_px} > 0.5",
-            case.name
-        );
-        assert!(
-            max_f <= 3.5 / 255.0,
-            "{}: max float difference {max_f}",
-            case.name
-        );
+        let expected = candle_core::safetensors::load(
+            fixtures().join(format!("{}.expected.safetensors", case.name)),
+            &Device::Cpu,
+        )
+        .unwrap();
+        report.push(compare(&case.name, &out.images, &expected, 64, 64));
     }
     eprintln!("{}", report.join("\n"));
 }
@@ -220,7 +291,7 @@ fn img2img_keeps_the_image_at_strength_zero_and_changes_it_at_one() {
                 &r,
                 GenerationInputs {
                     init_image: Some(init.clone()),
-                    latents: None,
+                    ..Default::default()
                 },
                 &Limits::default(),
                 &mut |_| {
@@ -265,8 +336,8 @@ fn bad_inputs_are_errors_not_panics() {
     let e = gen(
         &base,
         GenerationInputs {
-            init_image: None,
             latents: Some(wrong),
+            ..Default::default()
         },
     );
     assert!(e.contains("initial latents"), "{e}");

@@ -47,7 +47,12 @@ pub struct GenerationInputs {
     pub init_image: Option<RgbImage>,
     /// Initial latents `[batch, C, H/f, W/f]` (before scaling by the
     /// scheduler's initial sigma), to reproduce another implementation's run.
+    /// For img2img these are the noise added to the encoded init image.
     pub latents: Option<Tensor>,
+    /// img2img: the N(0, 1) draw `[batch, C, H/f, W/f]` that samples the VAE
+    /// posterior of the init image (default: from the seed). With `latents`,
+    /// it makes an img2img run reproducible across implementations.
+    pub posterior_noise: Option<Tensor>,
 }
 
 /// What the per-step callback sees.
@@ -220,7 +225,12 @@ impl StableDiffusionPipeline {
                 (noise * scheduler.init_noise_sigma())?
             }
             Some(img) => {
-                let init = self.encode_init_image(img, width, height, &mut generators)?;
+                let posterior_noise = inputs
+                    .posterior_noise
+                    .map(|n| check_latents(n, latent_shape, &self.device, self.dtype))
+                    .transpose()?;
+                let init =
+                    self.encode_init_image(img, width, height, &mut generators, posterior_noise)?;
                 let init_steps =
                     ((request.steps as f64 * request.strength) as usize).min(request.steps);
                 let t_start = request.steps - init_steps;
@@ -335,18 +345,20 @@ impl StableDiffusionPipeline {
         width: usize,
         height: usize,
         generators: &mut [NoiseGenerator],
+        posterior_noise: Option<Tensor>,
     ) -> Result<Tensor> {
         let img = resize(img, width as u32, height as u32);
         let x = image_to_tensor(&img, self.dtype, &self.device)?;
         let dist = self.vae.encode(&x)?;
         let (_, c, h, w) = dist.mean().dims4()?;
-        // Each image of the batch samples the posterior with its own generator.
-        let mut parts = Vec::with_capacity(generators.len());
-        for g in generators.iter_mut() {
-            let eps = g.randn((1, c, h, w), self.dtype, &self.device)?;
-            parts.push(dist.sample(&eps)?);
-        }
-        let z = Tensor::cat(&parts, 0)?;
+        let eps = match posterior_noise {
+            Some(eps) => eps,
+            // Each image of the batch samples the posterior with its own generator.
+            None => self.draw_noise(generators, (c, h, w))?,
+        };
+        let z = dist
+            .mean()
+            .broadcast_add(&(eps.broadcast_mul(dist.std()))?)?;
         let shift = self.vae_config.shift_factor.unwrap_or(0.0);
         Ok(((z - shift)? * self.vae_config.scaling_factor)?)
     }
