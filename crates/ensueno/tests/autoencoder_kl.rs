@@ -5,6 +5,9 @@
 //! `max|ours - ref| / max(max|ref|, 1e-6)` over each output tensor must be
 //! <= 1e-4.
 
+mod common;
+use common::rel_err;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -33,20 +36,6 @@ fn config(name: &str) -> AutoencoderKLConfig {
     AutoencoderKLConfig::from_file(fixtures().join(name).join("config.json")).unwrap()
 }
 
-fn max_rel_error(ours: &Tensor, reference: &Tensor) -> f32 {
-    assert_eq!(ours.dims(), reference.dims());
-    let diff = (ours - reference).unwrap().abs().unwrap();
-    let max_diff = diff.flatten_all().unwrap().max(0).unwrap();
-    let max_ref = reference
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap();
-    max_diff.to_scalar::<f32>().unwrap() / max_ref.to_scalar::<f32>().unwrap().max(1e-6)
-}
-
 fn check(name: &str, weights: HashMap<String, Tensor>) {
     let cfg = config(name);
     let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
@@ -63,16 +52,16 @@ fn check(name: &str, weights: HashMap<String, Tensor>) {
         ("std", dist.std(), &io["std"]),
         ("decoded", &decoded, &io["decoded"]),
     ] {
-        let err = max_rel_error(ours, reference);
+        let err = rel_err(ours, reference);
         eprintln!("{name} {what}: max relative error {err:e}");
         assert!(err <= TOLERANCE, "{name} {what}: {err} > {TOLERANCE}");
     }
     // sample(0) is the mean; sample(noise) = mean + std * noise.
     let zeros = dist.mean().zeros_like().unwrap();
-    assert!(max_rel_error(&dist.sample(&zeros).unwrap(), dist.mean()) == 0.0);
+    assert!(rel_err(&dist.sample(&zeros).unwrap(), dist.mean()) == 0.0);
     let ones = dist.mean().ones_like().unwrap();
     let expected = (dist.mean() + dist.std()).unwrap();
-    assert!(max_rel_error(&dist.sample(&ones).unwrap(), &expected) <= TOLERANCE);
+    assert!(rel_err(&dist.sample(&ones).unwrap(), &expected) <= TOLERANCE);
 }
 
 #[test]

@@ -7,6 +7,9 @@
 //! tensor, in f32 on the CPU (real weights are bf16, converted to f32 on
 //! both sides).
 
+mod common;
+use common::rel_err;
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
@@ -16,22 +19,6 @@ use ensueno::Error;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/taesd")
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn rel_err(ours: &Tensor, reference: &Tensor) -> f32 {
-    assert_eq!(ours.dims(), reference.dims());
-    max_abs(&(ours - reference).unwrap()) / max_abs(reference).max(1e-6)
 }
 
 fn load_variant(variant: &str) -> (AutoencoderTiny, std::collections::HashMap<String, Tensor>) {

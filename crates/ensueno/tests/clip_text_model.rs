@@ -4,6 +4,9 @@
 //! Tolerance: max|ours - ref| / max(max|ref|, 1e-6) <= 1e-4, over the whole
 //! output tensor, in f32 on the CPU.
 
+mod common;
+use common::rel_err;
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
@@ -15,30 +18,6 @@ fn fixture(variant: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/clip")
         .join(variant)
-}
-
-fn rel_err(ours: &Tensor, reference: &Tensor) -> f32 {
-    assert_eq!(ours.dims(), reference.dims());
-    let diff = (ours - reference)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = reference
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    diff / scale.max(1e-6)
 }
 
 fn load(variant: &str) -> (CLIPTextModel, std::collections::HashMap<String, Tensor>) {

@@ -5,6 +5,9 @@
 //! `max|ours - ref| / max(max|ref|, 1e-6)` over the whole output must be
 //! <= 1e-4.
 
+mod common;
+use common::rel_err;
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
@@ -31,20 +34,6 @@ fn load_model(name: &str) -> (UNet2DConditionConfig, UNet2DConditionModel) {
     (config, model)
 }
 
-fn max_rel_error(ours: &Tensor, reference: &Tensor) -> f32 {
-    assert_eq!(ours.dims(), reference.dims());
-    let diff = (ours - reference).unwrap().abs().unwrap();
-    let max_diff = diff.flatten_all().unwrap().max(0).unwrap();
-    let max_ref = reference
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap();
-    max_diff.to_scalar::<f32>().unwrap() / max_ref.to_scalar::<f32>().unwrap().max(1e-6)
-}
-
 fn run_case(model_name: &str, case: &str) {
     let (_, model) = load_model(model_name);
     let io = candle_core::safetensors::load(
@@ -59,7 +48,7 @@ fn run_case(model_name: &str, case: &str) {
             &io["encoder_hidden_states"],
         )
         .unwrap();
-    let err = max_rel_error(&out, &io["output"]);
+    let err = rel_err(&out, &io["output"]);
     eprintln!("{case}: max relative error {err:e}");
     assert!(
         err <= TOLERANCE,
@@ -96,7 +85,7 @@ fn timesteps_as_f64_scalar_and_broadcast() {
     let out = model
         .forward(&io["sample"], &t, &io["encoder_hidden_states"])
         .unwrap();
-    assert!(max_rel_error(&out, &io["output"]) <= TOLERANCE);
+    assert!(rel_err(&out, &io["output"]) <= TOLERANCE);
 }
 
 #[test]

@@ -168,18 +168,22 @@ impl ModelFolder {
         }
     }
 
-    /// Reads a component's `config.json` (or `scheduler_config.json`).
-    pub fn read_config<T: DeserializeOwned>(&self, component: &str) -> Result<T> {
+    /// The path of a component's `config.json` (or `scheduler_config.json`).
+    pub fn config_path(&self, component: &str) -> Result<PathBuf> {
         let dir = self.component_dir(component)?;
-        let path = ["config.json", "scheduler_config.json"]
+        ["config.json", "scheduler_config.json"]
             .iter()
             .map(|n| dir.join(n))
             .find(|p| p.is_file())
             .ok_or_else(|| Error::Model {
                 path: dir.clone(),
                 message: "missing config.json".into(),
-            })?;
-        read_json(&path)
+            })
+    }
+
+    /// Reads a component's `config.json` (or `scheduler_config.json`).
+    pub fn read_config<T: DeserializeOwned>(&self, component: &str) -> Result<T> {
+        read_json(&self.config_path(component)?)
     }
 
     /// The safetensors files holding a component's weights (one file, or the

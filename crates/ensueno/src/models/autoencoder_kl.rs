@@ -100,12 +100,7 @@ impl Default for AutoencoderKLConfig {
 impl AutoencoderKLConfig {
     /// Reads and parses `vae/config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        crate::io::model_folder::read_json(path.as_ref())
     }
 
     /// The VAE of Stable Diffusion 1.5: `vae/config.json` of the Hugging Face

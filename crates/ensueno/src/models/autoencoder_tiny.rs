@@ -164,11 +164,7 @@ impl Default for AutoencoderTinyConfig {
 impl AutoencoderTinyConfig {
     /// Reads and checks a diffusers `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let config: Self = serde_json::from_str(&text).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let config: Self = crate::io::model_folder::read_json(path)?;
         config.validate().map_err(|e| Error::Config {
             path: path.to_path_buf(),
             message: e.to_string(),

@@ -235,12 +235,7 @@ impl Default for UNet2DConditionConfig {
 impl UNet2DConditionConfig {
     /// Reads and parses `unet/config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        crate::io::model_folder::read_json(path.as_ref())
     }
 
     /// The UNet of Stable Diffusion 1.5: `unet/config.json` of the Hugging

@@ -86,21 +86,21 @@ impl StableDiffusionPipeline {
         let tokenizer = CLIPTokenizer::from_dir(&tokenizer_dir)?;
 
         let text_dir = folder.component_dir("text_encoder")?;
-        let text_config: CLIPTextConfig = folder.read_config("text_encoder")?;
+        let text_config = CLIPTextConfig::from_file(&folder.config_path("text_encoder")?)?;
         let vb = folder.var_builder("text_encoder", dtype, device)?;
         let text_encoder = in_component(&text_dir, CLIPTextModel::new(vb, &text_config))?;
 
         let unet_dir = folder.component_dir("unet")?;
-        let unet_config: UNet2DConditionConfig = folder.read_config("unet")?;
+        let unet_config = UNet2DConditionConfig::from_file(folder.config_path("unet")?)?;
         let vb = folder.var_builder("unet", dtype, device)?;
         let unet = in_component(&unet_dir, UNet2DConditionModel::new(vb, &unet_config))?;
 
         let vae_dir = folder.component_dir("vae")?;
-        let vae_config: AutoencoderKLConfig = folder.read_config("vae")?;
+        let vae_config = AutoencoderKLConfig::from_file(folder.config_path("vae")?)?;
         let vb = folder.var_builder("vae", dtype, device)?;
         let vae = in_component(&vae_dir, AutoencoderKL::new(vb, &vae_config))?;
 
-        let scheduler_config: SchedulerConfig = folder.read_config("scheduler")?;
+        let scheduler_config = SchedulerConfig::from_file(&folder.config_path("scheduler")?)?;
 
         Ok(Self {
             tokenizer,

@@ -85,11 +85,7 @@ pub struct SchedulerConfig {
 impl SchedulerConfig {
     /// Reads a `scheduler_config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        crate::io::model_folder::read_json(path)
     }
 
     /// The Stable Diffusion 1.x scheduler config (runwayml/stable-diffusion-v1-5,

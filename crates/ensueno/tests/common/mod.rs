@@ -1,0 +1,25 @@
+//! Helpers shared by the golden tests.
+
+use candle_core::Tensor;
+
+/// The tolerance measure of the golden tests: the largest absolute
+/// difference, relative to the largest magnitude of the reference,
+/// `max|ours - ref| / max(max|ref|, 1e-6)`, over the whole tensor.
+pub fn rel_err(ours: &Tensor, reference: &Tensor) -> f32 {
+    assert_eq!(ours.dims(), reference.dims(), "shapes differ");
+    max_abs(&(ours - reference).unwrap()) / max_abs(reference).max(1e-6)
+}
+
+/// The largest absolute value of a tensor (as f32).
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
