@@ -13,7 +13,9 @@
 //! (`BasicTransformerBlock`, `FeedForward`, `GEGLU`).
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
+
+use crate::ops::group_norm::GroupNorm;
 
 use crate::models::resnet::group_norm;
 use crate::{Error, Result};
@@ -216,6 +218,11 @@ impl Attention {
     /// softmax(q k^T * scale) v over `[N, T, D]` tensors, with the softmax in
     /// f32, cut along `N` when the scores would be too large.
     fn scaled_dot_product(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        if q.device().is_cpu() && [q, k, v].iter().all(|t| t.dtype() == DType::F32) {
+            // The blocked CPU kernel never holds the whole score matrix (and
+            // computes in f32 already, so `upcast_attention` changes nothing).
+            return crate::ops::attention::scaled_dot_product_attention(q, k, v, self.scale);
+        }
         let (n, t, _) = q.dims3()?;
         let s = k.dim(1)?;
         let per_item = (t * s).max(1);

@@ -11,8 +11,10 @@
 
 use std::path::Path;
 
-use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+use crate::ops::conv::Conv2d;
 use serde::{Deserialize, Serialize};
 
 use crate::models::resnet::{conv2d, Activation};

@@ -23,8 +23,30 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{conv2d, conv2d_no_bias, Conv2d, Conv2dConfig, VarBuilder};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::ops::conv::{Conv2d, Conv2dConfig};
+
+fn conv2d(
+    in_c: usize,
+    out_c: usize,
+    k: usize,
+    cfg: Conv2dConfig,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    Conv2d::new(vb, in_c, out_c, k, cfg)
+}
+
+fn conv2d_no_bias(
+    in_c: usize,
+    out_c: usize,
+    k: usize,
+    cfg: Conv2dConfig,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    Conv2d::new_no_bias(vb, in_c, out_c, k, cfg)
+}
 use serde::Deserialize;
 
 use crate::{Error, Result};

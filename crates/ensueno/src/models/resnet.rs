@@ -10,7 +10,10 @@
 //! `diffusers.models.activations.get_activation`.
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::ops::conv::{Conv2d, Conv2dConfig};
+use crate::ops::group_norm::GroupNorm;
 
 use crate::{Error, Result};
 
@@ -131,13 +134,16 @@ pub(crate) fn conv2d(
         stride,
         ..Default::default()
     };
-    Ok(candle_nn::conv2d(
-        in_channels,
-        out_channels,
-        kernel,
-        cfg,
-        vb,
-    )?)
+    Conv2d::new(vb, in_channels, out_channels, kernel, cfg)
+}
+
+/// `act(norm(x))`, in one fused pass when the activation is SiLU (the
+/// case of every Stable Diffusion UNet and VAE).
+pub(crate) fn norm_act(norm: &GroupNorm, act: &Activation, xs: &Tensor) -> Result<Tensor> {
+    match act {
+        Activation::Silu => norm.forward_silu(xs),
+        _ => Ok(norm.forward(xs)?.apply(act)?),
+    }
 }
 
 pub(crate) fn group_norm(
@@ -152,7 +158,7 @@ pub(crate) fn group_norm(
             vb.prefix()
         )));
     }
-    Ok(candle_nn::group_norm(groups, channels, eps, vb)?)
+    GroupNorm::new(vb, groups, channels, eps)
 }
 
 // candle's GroupNorm computes its statistics in f32 for half-precision inputs,
@@ -225,7 +231,7 @@ impl ResnetBlock2D {
     /// - returns `[B, out_channels, H, W]`
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let act = &self.non_linearity;
-        let mut h = self.norm1.forward(xs)?.apply(act)?;
+        let mut h = norm_act(&self.norm1, act, xs)?;
         h = self.conv1.forward(&h)?;
         let temb = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => Some(
@@ -243,13 +249,18 @@ impl ResnetBlock2D {
         if let (Some(t), TimeEmbeddingNorm::Default) = (&temb, self.time_embedding_norm) {
             h = h.broadcast_add(t)?;
         }
-        h = self.norm2.forward(&h)?;
-        if let (Some(t), TimeEmbeddingNorm::ScaleShift) = (&temb, self.time_embedding_norm) {
-            let scale = t.narrow(1, 0, self.out_channels)?;
-            let shift = t.narrow(1, self.out_channels, self.out_channels)?;
-            h = h.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?;
-        }
-        h = self.conv2.forward(&h.apply(act)?)?;
+        h = match (&temb, self.time_embedding_norm) {
+            (Some(t), TimeEmbeddingNorm::ScaleShift) => {
+                let scale = t.narrow(1, 0, self.out_channels)?;
+                let shift = t.narrow(1, self.out_channels, self.out_channels)?;
+                let h = self.norm2.forward(&h)?;
+                h.broadcast_mul(&(scale + 1.0)?)?
+                    .broadcast_add(&shift)?
+                    .apply(act)?
+            }
+            _ => norm_act(&self.norm2, act, &h)?,
+        };
+        h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),

@@ -10,7 +10,10 @@
 //! (continuous inputs).
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::ops::conv::Conv2d;
+use crate::ops::group_norm::GroupNorm;
 
 use crate::models::attention::{BasicTransformerBlock, BasicTransformerBlockConfig};
 use crate::models::resnet::{conv2d, group_norm};

@@ -13,8 +13,11 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+use crate::ops::conv::Conv2d;
+use crate::ops::group_norm::GroupNorm;
 use serde::{Deserialize, Serialize};
 
 use crate::models::embeddings::{TimestepEmbedding, Timesteps};
@@ -728,7 +731,7 @@ impl UNet2DConditionModel {
                 UpBlock::Plain(b) => b.forward(&xs, &skips, emb, upsample_size)?,
             };
         }
-        let xs = self.conv_norm_out.forward(&xs)?.apply(&self.conv_act)?;
+        let xs = crate::models::resnet::norm_act(&self.conv_norm_out, &self.conv_act, &xs)?;
         Ok(self.conv_out.forward(&xs)?)
     }
 }

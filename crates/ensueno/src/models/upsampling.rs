@@ -6,8 +6,10 @@
 //!
 //! Reference implementation: `diffusers.models.upsampling.Upsample2D`.
 
-use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+use crate::ops::conv::Conv2d;
 
 use crate::models::resnet::conv2d;
 use crate::{Error, Result};

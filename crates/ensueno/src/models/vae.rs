@@ -8,8 +8,11 @@
 //! Reference implementation: `diffusers.models.autoencoders.vae`
 //! (`Encoder`, `Decoder`).
 
-use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+use crate::ops::conv::Conv2d;
+use crate::ops::group_norm::GroupNorm;
 
 use crate::models::resnet::{conv2d, group_norm, Activation, TimeEmbeddingNorm};
 use crate::models::unet_2d_blocks::{
@@ -136,7 +139,7 @@ impl Encoder {
             xs = block.forward(&xs)?;
         }
         xs = self.mid_block.forward(&xs, None)?;
-        let xs = self.conv_norm_out.forward(&xs)?.apply(&self.conv_act)?;
+        let xs = crate::models::resnet::norm_act(&self.conv_norm_out, &self.conv_act, &xs)?;
         Ok(self.conv_out.forward(&xs)?)
     }
 }
@@ -200,7 +203,7 @@ impl Decoder {
         for block in &self.up_blocks {
             xs = block.forward(&xs)?;
         }
-        let xs = self.conv_norm_out.forward(&xs)?.apply(&self.conv_act)?;
+        let xs = crate::models::resnet::norm_act(&self.conv_norm_out, &self.conv_act, &xs)?;
         Ok(self.conv_out.forward(&xs)?)
     }
 }
