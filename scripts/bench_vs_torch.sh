@@ -4,7 +4,8 @@
 # back to back on the same machine with the same thread count, then prints
 # RATIO <figure> <ensueno time / torch time> per figure (< 1: ensueno faster).
 #   usage: scripts/bench_vs_torch.sh [FILTER...]   (e.g. train_step sample_step conv2d)
-#   THREADS (default: nproc)
+#   THREADS (default: nproc); ENSUENO_VENV: an existing venv with torch and
+#   diffusers (e.g. /root/venvs/ensueno), else scripts/python_env.sh builds one
 # The heavy figures (latent_unet_step, sd15_unet_step, vae_decode_512) take
 # minutes with candle's current kernels: skip them with a filter.
 set -euo pipefail

@@ -257,9 +257,11 @@ impl UNet2DConfig {
         }
         match self.mid_block_type.as_deref() {
             None | Some("UNetMidBlock2D") => {}
-            Some(other) => return Err(config_error(format!(
+            Some(other) => {
+                return Err(config_error(format!(
                 "`mid_block_type` = {other:?} is not supported (only \"UNetMidBlock2D\" or null)"
-            ))),
+            )))
+            }
         }
         if let Some(g) = self.attn_norm_num_groups {
             return Err(config_error(format!(
