@@ -11,6 +11,7 @@ pub mod downsampling;
 pub mod embeddings;
 pub mod resnet;
 pub mod transformer_2d;
+pub mod unet_2d;
 pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
 pub mod upsampling;
