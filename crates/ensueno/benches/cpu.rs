@@ -99,7 +99,7 @@ fn optimizer(varmap: &VarMap) -> Result<impl Optimizer> {
     Ok(candle_nn::AdamW::new(varmap.all_vars(), params)?)
 }
 
-/// The small SD-like text-conditioned UNet of `latent_unet_step` (about 11M
+/// The small SD-like text-conditioned UNet of `latent_unet_step` (18.46M
 /// parameters): blocks of 64, 128, 256 channels (cross-attention at the two
 /// finer resolutions and in the mid block), 2 layers per block, 8 heads,
 /// context width 384, GroupNorm(32).
