@@ -95,8 +95,7 @@ fn optimizer(varmap: &VarMap) -> Result<impl Optimizer> {
     // torch.optim.AdamW's defaults (lr 1e-3, betas (0.9, 0.999), eps 1e-8,
     // weight decay 0.01), which are candle's too.
     let params = candle_nn::ParamsAdamW::default();
-    // swap: ensueno::ops::adamw::AdamW::new(varmap.all_vars(), params)
-    Ok(candle_nn::AdamW::new(varmap.all_vars(), params)?)
+    Ok(ensueno::ops::adamw::AdamW::new(varmap.all_vars(), params)?)
 }
 
 /// The small SD-like text-conditioned UNet of `latent_unet_step` (18.46M
@@ -124,25 +123,55 @@ fn latent_unet_config() -> UNet2DConditionConfig {
     }
 }
 
+// The micro figures time ensueno's kernels; the `_candle` figures time
+// candle's own ops on the same inputs, for the before/after.
+
 fn conv2d(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    // swap: ensueno::ops::conv::conv2d(x, w, 1, 1)
+    let cfg = ensueno::ops::conv::Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    Ok(ensueno::ops::conv::conv2d(x, w, None, &cfg)?)
+}
+
+fn conv2d_candle(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.conv2d(w, 1, 1, 1, 1)?)
 }
 
 fn conv_transpose2d(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let cfg = ensueno::ops::conv::ConvTranspose2dConfig {
+        padding: 1,
+        stride: 2,
+        ..Default::default()
+    };
+    Ok(ensueno::ops::conv::conv_transpose2d(x, w, None, &cfg)?)
+}
+
+fn conv_transpose2d_candle(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.conv_transpose2d(w, 1, 0, 2, 1)?)
 }
 
-fn group_norm_silu(x: &Tensor, norm: &candle_nn::GroupNorm) -> Result<Tensor> {
-    // swap: ensueno::ops::group_norm::group_norm(x, ...) + SiLU
+fn group_norm_silu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    Ok(ensueno::ops::group_norm::group_norm(
+        x, 8, weight, bias, 1e-5, true,
+    )?)
+}
+
+fn group_norm_silu_candle(x: &Tensor, norm: &candle_nn::GroupNorm) -> Result<Tensor> {
     Ok(candle_nn::ops::silu(&norm.forward(x)?)?)
 }
 
-/// softmax(q k^T / sqrt(d)) v as `models::attention::Attention` computes it
-/// today: composite softmax in f32, cut along the batch so that one block of
-/// scores holds at most 2^26 elements.
+/// softmax(q k^T / sqrt(d)) v with ensueno's blocked kernel (`attention`) and
+/// as composite candle ops (`attention_candle`: matmul + softmax in f32, cut
+/// along the batch so that one block of scores holds at most 2^26 elements).
 fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    // swap: ensueno::ops::attention::scaled_dot_product_attention(q, k, v, ...)
+    let scale = 1.0 / (q.dim(2)? as f64).sqrt();
+    Ok(ensueno::ops::attention::scaled_dot_product_attention(
+        q, k, v, scale,
+    )?)
+}
+
+fn attention_candle(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (n, t, d) = q.dims3()?;
     let s = k.dim(1)?;
     let chunk = ((1usize << 26) / (t * s).max(1)).clamp(1, n);
@@ -207,12 +236,20 @@ fn main() -> Result<()> {
             conv2d(&x, &w)?;
             Ok(())
         })?;
+        figure("conv2d_candle", false, || {
+            conv2d_candle(&x, &w)?;
+            Ok(())
+        })?;
     }
     if wanted("conv_transpose2d") {
         let x = Tensor::randn(0f32, 1., (16, 64, 32, 32), &dev)?;
         let w = Tensor::randn(0f32, 0.05, (64, 32, 4, 4), &dev)?;
         figure("conv_transpose2d", false, || {
             conv_transpose2d(&x, &w)?;
+            Ok(())
+        })?;
+        figure("conv_transpose2d_candle", false, || {
+            conv_transpose2d_candle(&x, &w)?;
             Ok(())
         })?;
     }
@@ -225,8 +262,16 @@ fn main() -> Result<()> {
             8,
             1e-5,
         )?;
+        let (weight, bias) = (
+            Tensor::ones(32, DType::F32, &dev)?,
+            Tensor::zeros(32, DType::F32, &dev)?,
+        );
         figure("group_norm", false, || {
-            group_norm_silu(&x, &norm)?;
+            group_norm_silu(&x, &weight, &bias)?;
+            Ok(())
+        })?;
+        figure("group_norm_candle", false, || {
+            group_norm_silu_candle(&x, &norm)?;
             Ok(())
         })?;
     }
@@ -236,6 +281,10 @@ fn main() -> Result<()> {
             .collect::<candle_core::Result<_>>()?;
         figure("attention", false, || {
             attention(&qkv[0], &qkv[1], &qkv[2])?;
+            Ok(())
+        })?;
+        figure("attention_candle", true, || {
+            attention_candle(&qkv[0], &qkv[1], &qkv[2])?;
             Ok(())
         })?;
     }
