@@ -579,7 +579,9 @@ fn as_forward_conv(g: &Geom, w: &[f32]) -> Option<(Geom, Vec<f32>)> {
         wo: g.w,
     };
     // Output padding of a transposed convolution can make the sizes differ.
-    if out_size(g2.h, g2.kh, pad, 1, g2.dil) != Some(g.h) || out_size(g2.w, g2.kw, pad, 1, g2.dil) != Some(g.w) {
+    if out_size(g2.h, g2.kh, pad, 1, g2.dil) != Some(g.h)
+        || out_size(g2.w, g2.kw, pad, 1, g2.dil) != Some(g.w)
+    {
         return None;
     }
     let (cg, og, kk) = (g.cg(), g.og(), g.kk());
