@@ -131,6 +131,8 @@ fn conv2d_dilation_groups_nonsquare() {
 fn conv2d_large_tiles() {
     // Several im2col tiles per image and channel blocks in the input gradient.
     check_conv(1, 64, 40, 36, 32, (3, 3), cfg(1, 1, 1, 1));
+    // Strided: the input gradient goes through col2im, over several tiles.
+    check_conv(1, 64, 128, 128, 8, (3, 3), cfg(1, 2, 1, 1));
 }
 
 fn check_conv_transpose(

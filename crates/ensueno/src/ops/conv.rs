@@ -553,9 +553,59 @@ fn conv_fwd(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
     y
 }
 
+/// A stride-1 input gradient is itself a convolution: of `dy`, padded by
+/// `dilation * (k - 1) - padding`, with the kernel flipped and its two channel
+/// axes swapped. That form has the forward pass's long GEMM inner dimension
+/// (`O * kh * kw` instead of `O`) and needs no scatter, so it is preferred
+/// where it applies. Returns its geometry and weight.
+fn as_forward_conv(g: &Geom, w: &[f32]) -> Option<(Geom, Vec<f32>)> {
+    if g.stride != 1 || g.kh != g.kw || g.is_pointwise() {
+        return None;
+    }
+    let pad = (g.dil * (g.kh - 1)).checked_sub(g.pad)?;
+    let g2 = Geom {
+        n: g.n,
+        c: g.o,
+        h: g.ho,
+        w: g.wo,
+        o: g.c,
+        kh: g.kh,
+        kw: g.kw,
+        stride: 1,
+        pad,
+        dil: g.dil,
+        groups: g.groups,
+        ho: g.h,
+        wo: g.w,
+    };
+    // Output padding of a transposed convolution can make the sizes differ.
+    if out_size(g2.h, g2.kh, pad, 1, g2.dil) != Some(g.h)
+        || out_size(g2.w, g2.kw, pad, 1, g2.dil) != Some(g.w)
+    {
+        return None;
+    }
+    let (cg, og, kk) = (g.cg(), g.og(), g.kk());
+    let mut w2 = vec![0f32; w.len()];
+    for gi in 0..g.groups {
+        for oi in 0..og {
+            for ci in 0..cg {
+                let src = &w[((gi * og + oi) * cg + ci) * kk..][..kk];
+                let dst = &mut w2[((gi * cg + ci) * og + oi) * kk..][..kk];
+                for (d, v) in dst.iter_mut().zip(src.iter().rev()) {
+                    *d = *v;
+                }
+            }
+        }
+    }
+    Some((g2, w2))
+}
+
 /// `dx = conv_input_grad(dy, w)`: `dy [n, o, ho, wo]`, `w [o, c/groups, kh, kw]`
 /// -> `[n, c, h, w]`.
 fn conv_grad_input(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    if let Some((g2, w2)) = as_forward_conv(g, w) {
+        return conv_fwd(&g2, dy, &w2);
+    }
     let mut dx = vec![0f32; g.n * g.c * g.hw()];
     let (cg, og, kdim, kk, howo) = (g.cg(), g.og(), g.kdim(), g.kk(), g.howo());
     let dxp = SharedMut(dx.as_mut_ptr());
