@@ -14,7 +14,7 @@ export RAYON_NUM_THREADS="$THREADS" OMP_NUM_THREADS="$THREADS"
 echo "# diffusers (torch $("$PY" -c 'import torch; print(torch.__version__)'), $THREADS threads)"
 "$PY" scripts/bench/sd15_step_torch.py "$MODEL_DIR" "$THREADS" 2>/dev/null | tee /tmp/ensueno-bench-torch.txt
 echo "# ensueno ($THREADS threads)"
-target/release/examples/sd15_step "$MODEL_DIR" | tee /tmp/ensueno-bench-rust.txt
+"${CARGO_TARGET_DIR:-target}"/release/examples/sd15_step "$MODEL_DIR" | tee /tmp/ensueno-bench-rust.txt
 for name in unet_step_cfg generate_1_step; do
     r=$(grep "TIME $name " /tmp/ensueno-bench-rust.txt | awk '{print $3}')
     t=$(grep "TIME $name " /tmp/ensueno-bench-torch.txt | awk '{print $3}')

@@ -16,7 +16,10 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2d, Embedding, GroupNorm, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
+
+use crate::ops::conv::Conv2d;
+use crate::ops::group_norm::GroupNorm;
 use serde::{Deserialize, Serialize};
 
 use crate::models::attention::{Attention, AttentionConfig};
@@ -779,7 +782,7 @@ impl UNet2DModel {
                 UpBlock::Attn(b) => b.forward(&xs, &skips, emb)?,
             };
         }
-        let xs = self.conv_norm_out.forward(&xs)?.apply(&self.conv_act)?;
+        let xs = crate::models::resnet::norm_act(&self.conv_norm_out, &self.conv_act, &xs)?;
         Ok(self.conv_out.forward(&xs)?)
     }
 
@@ -822,6 +825,6 @@ impl UNet2DModel {
     }
 
     fn time_dtype(&self) -> DType {
-        self.conv_in.weight().dtype()
+        self.conv_in.weight.dtype()
     }
 }
