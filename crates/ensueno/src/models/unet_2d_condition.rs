@@ -732,6 +732,6 @@ impl UNet2DConditionModel {
             };
         }
         let xs = crate::models::resnet::norm_act(&self.conv_norm_out, &self.conv_act, &xs)?;
-        Ok(self.conv_out.forward(&xs)?)
+        self.conv_out.forward(&xs)
     }
 }

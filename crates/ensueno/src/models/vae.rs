@@ -140,7 +140,7 @@ impl Encoder {
         }
         xs = self.mid_block.forward(&xs, None)?;
         let xs = crate::models::resnet::norm_act(&self.conv_norm_out, &self.conv_act, &xs)?;
-        Ok(self.conv_out.forward(&xs)?)
+        self.conv_out.forward(&xs)
     }
 }
 
@@ -204,6 +204,6 @@ impl Decoder {
             xs = block.forward(&xs)?;
         }
         let xs = crate::models::resnet::norm_act(&self.conv_norm_out, &self.conv_act, &xs)?;
-        Ok(self.conv_out.forward(&xs)?)
+        self.conv_out.forward(&xs)
     }
 }
