@@ -160,8 +160,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         &root,
         &["text_encoder", "tokenizer", "unet", "vae", "scheduler"],
     )?;
-    let pipeline =
+    let mut pipeline =
         StableDiffusionPipeline::load(&folder, &device, dtype).context("cannot load the model")?;
+    pipeline.release_text_encoder_after_use(true);
 
     let previewer = match (&args.preview, &args.taesd) {
         (Some(_), Some(taesd)) => Some(StableDiffusionPipeline::previewer(Some(

@@ -37,7 +37,7 @@ fn main() -> anyhow::Result<()> {
         std::path::Path::new(&dir),
         &["text_encoder", "tokenizer", "unet", "vae", "scheduler"],
     )?;
-    let pipe = StableDiffusionPipeline::load(&folder, &device, DType::F32)?;
+    let mut pipe = StableDiffusionPipeline::load(&folder, &device, DType::F32)?;
     println!("TIME load {:.3}", t0.elapsed().as_secs_f64());
 
     let latents = NoiseGenerator::new(0).randn((1, 4, 64, 64), DType::F32, &device)?;
@@ -55,6 +55,8 @@ fn main() -> anyhow::Result<()> {
     }
     println!("TIME unet_step_cfg {best:.3}");
 
+    // As the CLI does: one generation, so the text encoder can go once used.
+    pipe.release_text_encoder_after_use(true);
     let mut request = GenerationRequest::new("a red apple on a tree");
     request.steps = 1;
     request.scheduler = SchedulerKind::Ddim;

@@ -357,3 +357,30 @@ fn bad_inputs_are_errors_not_panics() {
         .unwrap_err();
     assert!(matches!(cancelled, ensueno::Error::Cancelled));
 }
+
+#[test]
+fn released_text_encoder_gives_a_clear_error_on_reuse() {
+    let mut pipeline = load("tiny-sd1");
+    pipeline.release_text_encoder_after_use(true);
+    let mut request = GenerationRequest::new("a cat");
+    request.steps = 1;
+    request.seed = Some(3);
+    let first = pipeline.generate(
+        &request,
+        GenerationInputs::default(),
+        &Limits::default(),
+        &mut |_| true,
+    );
+    assert!(first.is_ok());
+    let again = pipeline
+        .generate(
+            &request,
+            GenerationInputs::default(),
+            &Limits::default(),
+            &mut |_| true,
+        )
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(again.contains("text encoder was released"), "{again}");
+}

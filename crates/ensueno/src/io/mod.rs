@@ -7,3 +7,4 @@ pub mod images;
 pub mod model_folder;
 pub mod npy;
 pub mod png_info;
+pub mod weights;

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{safetensors::MmapedSafetensors, DType, Device};
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
@@ -248,34 +248,21 @@ pub fn component_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// A [`VarBuilder`] over memory-mapped safetensors files, with the files'
-/// headers validated first.
+/// headers validated first (see [`super::weights`] for how memory is kept low).
 pub fn var_builder_from_files(
     files: &[PathBuf],
     dtype: DType,
     device: &Device,
 ) -> Result<VarBuilder<'static>> {
     for f in files {
-        if !f.is_file() {
-            return Err(Error::Model {
-                path: f.clone(),
-                message: "weight file is missing".into(),
-            });
-        }
-        // SAFETY: the file is mapped read-only; ensueno never writes to model
-        // files while they are loaded, which is the contract of mmap here.
-        unsafe { MmapedSafetensors::new(f) }.map_err(|e| Error::Model {
-            path: f.clone(),
-            message: format!("truncated or corrupt safetensors file: {e}"),
-        })?;
+        super::weights::check_exists(f)?;
     }
-    // SAFETY: as above.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.map_err(|e| {
-        Error::Model {
-            path: files.first().cloned().unwrap_or_default(),
-            message: e.to_string(),
-        }
-    })?;
-    Ok(vb)
+    let weights = super::weights::SafetensorsWeights::open(files)?;
+    Ok(VarBuilder::from_backend(
+        Box::new(weights),
+        dtype,
+        device.clone(),
+    ))
 }
 
 /// Reads and deserializes a JSON file.
