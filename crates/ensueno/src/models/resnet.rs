@@ -234,11 +234,7 @@ impl ResnetBlock2D {
         let mut h = norm_act(&self.norm1, act, xs)?;
         h = self.conv1.forward(&h)?;
         let temb = match (&self.time_emb_proj, temb) {
-            (Some(proj), Some(t)) => Some(
-                proj.forward(&t.apply(act)?)?
-                    .unsqueeze(D::Minus1)?
-                    .unsqueeze(D::Minus1)?,
-            ),
+            (Some(proj), Some(t)) => Some(proj.forward(&t.apply(act)?)?),
             (Some(_), None) => {
                 return Err(Error::invalid(
                     "ResnetBlock2D: this block needs a time embedding but none was given",
@@ -247,10 +243,11 @@ impl ResnetBlock2D {
             (None, _) => None,
         };
         if let (Some(t), TimeEmbeddingNorm::Default) = (&temb, self.time_embedding_norm) {
-            h = h.broadcast_add(t)?;
+            h = crate::ops::bias::add_plane_bias(&h, t)?;
         }
         h = match (&temb, self.time_embedding_norm) {
             (Some(t), TimeEmbeddingNorm::ScaleShift) => {
+                let t = t.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?;
                 let scale = t.narrow(1, 0, self.out_channels)?;
                 let shift = t.narrow(1, self.out_channels, self.out_channels)?;
                 let h = self.norm2.forward(&h)?;

@@ -887,7 +887,7 @@ fn add_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
             got: format!("{:?}", b.dims()),
         });
     }
-    Ok(y.broadcast_add(&b.reshape((1, o, 1, 1))?)?)
+    crate::ops::bias::add_plane_bias(&y, b)
 }
 
 /// 2D convolution (cross-correlation, as PyTorch), differentiable.
