@@ -87,3 +87,46 @@ fn wrong_bias_shape_is_an_error() {
     assert!(add_plane_bias(&x, &randn(&[3, 3])).is_err());
     assert!(add_plane_bias(&randn(&[3]), &randn(&[3])).is_err());
 }
+
+/// `conv2d` with a bias (the fused conv + bias op) against the conv without
+/// bias followed by candle's `broadcast_add`: values and the gradients of
+/// input, weight and bias.
+#[test]
+fn conv_with_fused_bias_matches_separate_bias_add() {
+    use ensueno::ops::conv::{conv2d, Conv2dConfig};
+    for (n, c, o, hw, k, stride, padding) in [
+        (2, 3, 5, 9, 3, 1, 1),
+        (16, 32, 32, 28, 3, 1, 1),
+        (4, 8, 6, 14, 3, 2, 1),
+        (3, 4, 7, 7, 1, 1, 0),
+    ] {
+        let cfg = Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        };
+        let x = Var::from_tensor(&randn(&[n, c, hw, hw])).unwrap();
+        let w = Var::from_tensor(&randn(&[o, c, k, k])).unwrap();
+        let b = Var::from_tensor(&randn(&[o])).unwrap();
+        let ours = conv2d(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), &cfg).unwrap();
+        let reference = conv2d(x.as_tensor(), w.as_tensor(), None, &cfg)
+            .unwrap()
+            .broadcast_add(&b.as_tensor().reshape((1, o, 1, 1)).unwrap())
+            .unwrap();
+        let tag = format!("conv [{n},{c},{hw},{hw}] -> {o}, k{k} s{stride}");
+        check(&format!("{tag} value"), &ours, &reference);
+        let r = randn(ours.dims());
+        let g_ours = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (&reference * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
+            let a = g_ours.get(v.as_tensor()).unwrap();
+            let e = g_ref.get(v.as_tensor()).unwrap();
+            check(&format!("{tag} grad {name}"), a, e);
+        }
+    }
+}

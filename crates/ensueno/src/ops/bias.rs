@@ -79,6 +79,27 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core:
     }
 }
 
+/// Adds `b[p % b.len()]` to every plane `p` of `hw` elements of `y`, in
+/// place (the conv op's fused bias).
+pub(crate) fn add_channel_bias_inplace(y: &mut [f32], hw: usize, b: &[f32]) {
+    let c = b.len().max(1);
+    par_planes(y, hw, |p0, run| {
+        for (i, plane) in run.chunks_exact_mut(hw.max(1)).enumerate() {
+            let bv = b[(p0 + i) % c];
+            for v in plane.iter_mut() {
+                *v += bv;
+            }
+        }
+    });
+}
+
+/// `db[c] = sum_{n, ..} dy[n, c, ..]` for a contiguous f32 CPU `dy`
+/// `[N, C, ...]`: the gradient of a per-channel bias.
+pub(crate) fn channel_bias_grad(dy: &Tensor) -> candle_core::Result<Tensor> {
+    dy.contiguous()?
+        .apply_op1_no_bwd(&PlaneSum { per_sample: false })
+}
+
 /// `y[n, c, ..] = x[n, c, ..] + b[c]` (or `b[n, c]` when `per_sample`).
 struct AddPlaneBias {
     per_sample: bool,

@@ -24,7 +24,9 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Module, Shape, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Module, Shape, Tensor,
+};
 use candle_nn::VarBuilder;
 use gemm::Parallelism;
 
@@ -873,6 +875,56 @@ impl CustomOp2 for ConvOp {
     }
 }
 
+/// `conv(x, w) + b`, the bias added in place into the convolution's output
+/// and its gradient reduced in the same backward node: one graph node and
+/// one output-sized buffer fewer than a separate bias add.
+struct ConvBiasOp {
+    geom: Geom,
+}
+
+impl CustomOp3 for ConvBiasOp {
+    fn name(&self) -> &'static str {
+        "ensueno-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = &self.geom;
+        let x = f32_slice(s1, l1, &g.x_shape(), "input")?;
+        let w = f32_slice(s2, l2, &g.w_shape(), "weight")?;
+        let b = f32_slice(s3, l3, &Shape::from(g.o), "bias")?;
+        let mut y = conv_fwd(g, x, w);
+        crate::ops::bias::add_channel_bias_inplace(&mut y, g.ho * g.wo, b);
+        Ok((CpuStorage::F32(y), g.y_shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let op = |kind| ConvOp {
+            geom: self.geom,
+            kind,
+        };
+        let gx = grad.apply_op2_no_bwd(w, &op(Kind::GradInput))?;
+        let gw = x.apply_op2_no_bwd(&grad, &op(Kind::GradWeight))?;
+        let gb = crate::ops::bias::channel_bias_grad(&grad)?;
+        Ok((Some(gx), Some(gw), Some(gb)))
+    }
+}
+
 fn fast_path(x: &Tensor, w: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && w.dtype() == DType::F32
 }
@@ -903,6 +955,15 @@ fn add_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// through candle's `Tensor::conv2d`.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, cfg: &Conv2dConfig) -> Result<Tensor> {
     let geom = conv_geom(x, w, cfg)?;
+    if let Some(b) = b {
+        if fast_path(x, w) && b.dtype() == DType::F32 && b.dims() == [geom.o] {
+            return Ok(x.contiguous()?.apply_op3(
+                &w.contiguous()?,
+                &b.contiguous()?,
+                ConvBiasOp { geom },
+            )?);
+        }
+    }
     let y = if fast_path(x, w) {
         x.contiguous()?.apply_op2(
             &w.contiguous()?,
