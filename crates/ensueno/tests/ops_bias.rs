@@ -130,3 +130,49 @@ fn conv_with_fused_bias_matches_separate_bias_add() {
         }
     }
 }
+
+/// `Conv2d::forward_add` (conv + bias + a per-sample `[N, O]` term, fused)
+/// against the conv followed by candle's `broadcast_add`s: values and the
+/// gradients of input, weight, bias and the per-sample term.
+#[test]
+fn conv_with_per_sample_bias_matches_separate_adds() {
+    use candle_nn::{VarBuilder, VarMap};
+    use ensueno::ops::conv::{Conv2d, Conv2dConfig};
+    let (n, c, o, hw) = (8, 16, 24, 14);
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let cfg = Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    let conv = Conv2d::new(vb, c, o, 3, cfg).unwrap();
+    let x = Var::from_tensor(&randn(&[n, c, hw, hw])).unwrap();
+    let t = Var::from_tensor(&randn(&[n, o])).unwrap();
+    let ours = conv.forward_add(x.as_tensor(), t.as_tensor()).unwrap();
+    let bias = conv.bias.clone().unwrap();
+    let reference = ensueno::ops::conv::conv2d(x.as_tensor(), &conv.weight, None, &cfg)
+        .unwrap()
+        .broadcast_add(&bias.reshape((1, o, 1, 1)).unwrap())
+        .unwrap()
+        .broadcast_add(&t.as_tensor().reshape((n, o, 1, 1)).unwrap())
+        .unwrap();
+    check("per-sample conv value", &ours, &reference);
+    let r = randn(ours.dims());
+    let g_ours = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_ref = (&reference * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (name, v) in [
+        ("x", x.as_tensor()),
+        ("t", t.as_tensor()),
+        ("w", &conv.weight),
+        ("b", &bias),
+    ] {
+        let a = g_ours.get(v).unwrap();
+        let e = g_ref.get(v).unwrap();
+        check(&format!("per-sample conv grad {name}"), a, e);
+    }
+}

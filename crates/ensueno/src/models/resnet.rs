@@ -232,7 +232,6 @@ impl ResnetBlock2D {
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let act = &self.non_linearity;
         let mut h = norm_act(&self.norm1, act, xs)?;
-        h = self.conv1.forward(&h)?;
         let temb = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => Some(proj.forward(&t.apply(act)?)?),
             (Some(_), None) => {
@@ -242,9 +241,12 @@ impl ResnetBlock2D {
             }
             (None, _) => None,
         };
-        if let (Some(t), TimeEmbeddingNorm::Default) = (&temb, self.time_embedding_norm) {
-            h = crate::ops::bias::add_plane_bias(&h, t)?;
-        }
+        // The default time embedding is a per-sample bias of conv1, added
+        // inside the convolution.
+        h = match (&temb, self.time_embedding_norm) {
+            (Some(t), TimeEmbeddingNorm::Default) => self.conv1.forward_add(&h, t)?,
+            _ => self.conv1.forward(&h)?,
+        };
         h = match (&temb, self.time_embedding_norm) {
             (Some(t), TimeEmbeddingNorm::ScaleShift) => {
                 let t = t.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?;

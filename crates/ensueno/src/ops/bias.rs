@@ -93,11 +93,11 @@ pub(crate) fn add_channel_bias_inplace(y: &mut [f32], hw: usize, b: &[f32]) {
     });
 }
 
-/// `db[c] = sum_{n, ..} dy[n, c, ..]` for a contiguous f32 CPU `dy`
-/// `[N, C, ...]`: the gradient of a per-channel bias.
-pub(crate) fn channel_bias_grad(dy: &Tensor) -> candle_core::Result<Tensor> {
-    dy.contiguous()?
-        .apply_op1_no_bwd(&PlaneSum { per_sample: false })
+/// `db[c] = sum_{n, ..} dy[n, c, ..]` (or `db[n, c] = sum_{..} dy[n, c, ..]`
+/// when `per_sample`) for a contiguous f32 CPU `dy` `[N, C, ...]`: the
+/// gradient of a per-channel (per-sample-and-channel) bias.
+pub(crate) fn plane_bias_grad(dy: &Tensor, per_sample: bool) -> candle_core::Result<Tensor> {
+    dy.contiguous()?.apply_op1_no_bwd(&PlaneSum { per_sample })
 }
 
 /// `y[n, c, ..] = x[n, c, ..] + b[c]` (or `b[n, c]` when `per_sample`).

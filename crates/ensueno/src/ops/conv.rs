@@ -899,7 +899,12 @@ impl CustomOp3 for ConvBiasOp {
         let g = &self.geom;
         let x = f32_slice(s1, l1, &g.x_shape(), "input")?;
         let w = f32_slice(s2, l2, &g.w_shape(), "weight")?;
-        let b = f32_slice(s3, l3, &Shape::from(g.o), "bias")?;
+        let b_shape = if l3.dims().len() == 2 {
+            Shape::from((g.n, g.o))
+        } else {
+            Shape::from(g.o)
+        };
+        let b = f32_slice(s3, l3, &b_shape, "bias")?;
         let mut y = conv_fwd(g, x, w);
         crate::ops::bias::add_channel_bias_inplace(&mut y, g.ho * g.wo, b);
         Ok((CpuStorage::F32(y), g.y_shape()))
@@ -909,7 +914,7 @@ impl CustomOp3 for ConvBiasOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -920,7 +925,7 @@ impl CustomOp3 for ConvBiasOp {
         };
         let gx = grad.apply_op2_no_bwd(w, &op(Kind::GradInput))?;
         let gw = x.apply_op2_no_bwd(&grad, &op(Kind::GradWeight))?;
-        let gb = crate::ops::bias::channel_bias_grad(&grad)?;
+        let gb = crate::ops::bias::plane_bias_grad(&grad, b.rank() == 2)?;
         Ok((Some(gx), Some(gw), Some(gb)))
     }
 }
@@ -931,11 +936,11 @@ fn fast_path(x: &Tensor, w: &Tensor) -> bool {
 
 fn add_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let Some(b) = b else { return Ok(y) };
-    let o = y.dim(1)?;
-    if b.dims() != [o] {
+    let (n, o) = (y.dim(0)?, y.dim(1)?);
+    if b.dims() != [o] && b.dims() != [n, o] {
         return Err(Error::Shape {
             what: "convolution bias".into(),
-            expected: format!("[{o}]"),
+            expected: format!("[{o}] or [{n}, {o}]"),
             got: format!("{:?}", b.dims()),
         });
     }
@@ -947,7 +952,7 @@ fn add_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// # Shapes
 /// - `x`: `[N, C, H, W]`
 /// - `w`: `[O, C / groups, kh, kw]`
-/// - `b`: `[O]`
+/// - `b`: `[O]`, or `[N, O]` for a per-sample bias
 /// - returns `[N, O, Ho, Wo]` with `Ho = (H + 2 * padding - dilation * (kh - 1) - 1) / stride + 1`
 ///   (likewise `Wo`).
 ///
@@ -956,7 +961,8 @@ fn add_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, cfg: &Conv2dConfig) -> Result<Tensor> {
     let geom = conv_geom(x, w, cfg)?;
     if let Some(b) = b {
-        if fast_path(x, w) && b.dtype() == DType::F32 && b.dims() == [geom.o] {
+        let bias_ok = b.dims() == [geom.o] || b.dims() == [geom.n, geom.o];
+        if fast_path(x, w) && b.dtype() == DType::F32 && bias_ok {
             return Ok(x.contiguous()?.apply_op3(
                 &w.contiguous()?,
                 &b.contiguous()?,
@@ -1153,6 +1159,17 @@ impl Conv2d {
     /// `x [N, C, H, W]` -> `[N, O, Ho, Wo]` (see [`conv2d`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         conv2d(x, &self.weight, self.bias.as_ref(), &self.config)
+    }
+
+    /// `forward(x) + extra` with `extra [N, out_channels]` broadcast over the
+    /// spatial dims (the resnet's time embedding), fused into the
+    /// convolution as a per-sample bias.
+    pub fn forward_add(&self, x: &Tensor, extra: &Tensor) -> Result<Tensor> {
+        let bias = match &self.bias {
+            Some(b) => extra.broadcast_add(&b.unsqueeze(0)?)?,
+            None => extra.clone(),
+        };
+        conv2d(x, &self.weight, Some(&bias), &self.config)
     }
 }
 
