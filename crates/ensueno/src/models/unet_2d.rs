@@ -783,7 +783,7 @@ impl UNet2DModel {
             };
         }
         let xs = crate::models::resnet::norm_act(&self.conv_norm_out, &self.conv_act, &xs)?;
-        Ok(self.conv_out.forward(&xs)?)
+        self.conv_out.forward(&xs)
     }
 
     fn class_embedding(&self, ce: &ClassEmbedding, labels: &Tensor, b: usize) -> Result<Tensor> {
