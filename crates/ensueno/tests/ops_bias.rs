@@ -176,3 +176,40 @@ fn conv_with_per_sample_bias_matches_separate_adds() {
         check(&format!("per-sample conv grad {name}"), a, e);
     }
 }
+
+/// `conv2d_add` (conv + residual, fused) against the conv followed by
+/// candle's add: values and the gradients of input, weight and residual;
+/// a residual of the wrong shape is an error.
+#[test]
+fn conv_with_fused_residual_matches_separate_add() {
+    use ensueno::ops::conv::{conv2d, conv2d_add, Conv2dConfig};
+    for (n, c, o, hw) in [(2, 3, 5, 9), (16, 32, 64, 28)] {
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let x = Var::from_tensor(&randn(&[n, c, hw, hw])).unwrap();
+        let w = Var::from_tensor(&randn(&[o, c, 3, 3])).unwrap();
+        let res = Var::from_tensor(&randn(&[n, o, hw, hw])).unwrap();
+        let ours = conv2d_add(x.as_tensor(), w.as_tensor(), res.as_tensor(), &cfg).unwrap();
+        let reference =
+            (conv2d(x.as_tensor(), w.as_tensor(), None, &cfg).unwrap() + res.as_tensor()).unwrap();
+        let tag = format!("conv+residual [{n},{c},{hw},{hw}] -> {o}");
+        check(&format!("{tag} value"), &ours, &reference);
+        let r = randn(ours.dims());
+        let g_ours = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (&reference * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in [("x", &x), ("w", &w), ("residual", &res)] {
+            let a = g_ours.get(v.as_tensor()).unwrap();
+            let e = g_ref.get(v.as_tensor()).unwrap();
+            check(&format!("{tag} grad {name}"), a, e);
+        }
+        let bad = randn(&[n, o, hw + 1, hw]);
+        assert!(conv2d_add(x.as_tensor(), w.as_tensor(), &bad, &cfg).is_err());
+    }
+}

@@ -259,12 +259,24 @@ impl ResnetBlock2D {
             }
             _ => norm_act(&self.norm2, act, &h)?,
         };
-        h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
-            Some(c) => c.forward(xs)?,
+            // conv2's bias moves into the shortcut conv's (a [C] add), so
+            // that the residual add happens inside conv2.
+            Some(c) => match (&c.bias, &self.conv2.bias) {
+                (Some(b_sc), Some(b2)) => {
+                    let bias = (b_sc + b2)?;
+                    crate::ops::conv::conv2d(xs, &c.weight, Some(&bias), &c.config)?
+                }
+                _ => c.forward(xs)?,
+            },
             None => xs.clone(),
         };
-        let out = (shortcut + h)?;
+        let out = match (&self.conv_shortcut, &self.conv2.bias) {
+            (Some(c), Some(_)) if c.bias.is_some() => {
+                crate::ops::conv::conv2d_add(&h, &self.conv2.weight, &shortcut, &self.conv2.config)?
+            }
+            _ => (shortcut + self.conv2.forward(&h)?)?,
+        };
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {

@@ -93,6 +93,17 @@ pub(crate) fn add_channel_bias_inplace(y: &mut [f32], hw: usize, b: &[f32]) {
     });
 }
 
+/// `y += r`, elementwise, in parallel chunks.
+pub(crate) fn add_inplace(y: &mut [f32], r: &[f32]) {
+    let chunk = 1 << 14;
+    par_planes(y, chunk.min(r.len().max(1)), |p0, run| {
+        let start = p0 * chunk.min(r.len().max(1));
+        for (a, b) in run.iter_mut().zip(&r[start..]) {
+            *a += *b;
+        }
+    });
+}
+
 /// `db[c] = sum_{n, ..} dy[n, c, ..]` (or `db[n, c] = sum_{..} dy[n, c, ..]`
 /// when `per_sample`) for a contiguous f32 CPU `dy` `[N, C, ...]`: the
 /// gradient of a per-channel (per-sample-and-channel) bias.

@@ -930,6 +930,80 @@ impl CustomOp3 for ConvBiasOp {
     }
 }
 
+/// `conv(x, w) + r` with `r` of the output's shape (the resnet's residual
+/// connection), added in place into the convolution's output: one graph node
+/// and one output-sized buffer fewer than a separate add.
+struct ConvResidualOp {
+    geom: Geom,
+}
+
+impl CustomOp3 for ConvResidualOp {
+    fn name(&self) -> &'static str {
+        "ensueno-conv2d-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = &self.geom;
+        let x = f32_slice(s1, l1, &g.x_shape(), "input")?;
+        let w = f32_slice(s2, l2, &g.w_shape(), "weight")?;
+        let r = f32_slice(s3, l3, &g.y_shape(), "residual")?;
+        let mut y = conv_fwd(g, x, w);
+        crate::ops::bias::add_inplace(&mut y, r);
+        Ok((CpuStorage::F32(y), g.y_shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _r: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let op = |kind| ConvOp {
+            geom: self.geom,
+            kind,
+        };
+        let gx = grad.apply_op2_no_bwd(w, &op(Kind::GradInput))?;
+        let gw = x.apply_op2_no_bwd(&grad, &op(Kind::GradWeight))?;
+        Ok((Some(gx), Some(gw), Some(grad)))
+    }
+}
+
+/// `conv2d(x, w, None, cfg) + residual`, fused on the fast path.
+///
+/// # Shapes
+/// - `x`: `[N, C, H, W]`, `w`: `[O, C / groups, kh, kw]`
+/// - `residual`: the output's shape `[N, O, Ho, Wo]`
+/// - returns `[N, O, Ho, Wo]`
+pub fn conv2d_add(x: &Tensor, w: &Tensor, residual: &Tensor, cfg: &Conv2dConfig) -> Result<Tensor> {
+    let geom = conv_geom(x, w, cfg)?;
+    if residual.shape() != &geom.y_shape() {
+        return Err(Error::Shape {
+            what: "convolution residual".into(),
+            expected: format!("{:?}", geom.y_shape().dims()),
+            got: format!("{:?}", residual.dims()),
+        });
+    }
+    if fast_path(x, w) && residual.dtype() == DType::F32 {
+        return Ok(x.contiguous()?.apply_op3(
+            &w.contiguous()?,
+            &residual.contiguous()?,
+            ConvResidualOp { geom },
+        )?);
+    }
+    Ok((conv2d(x, w, None, cfg)? + residual)?)
+}
+
 fn fast_path(x: &Tensor, w: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && w.dtype() == DType::F32
 }
