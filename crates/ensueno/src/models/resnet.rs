@@ -232,13 +232,8 @@ impl ResnetBlock2D {
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let act = &self.non_linearity;
         let mut h = norm_act(&self.norm1, act, xs)?;
-        h = self.conv1.forward(&h)?;
         let temb = match (&self.time_emb_proj, temb) {
-            (Some(proj), Some(t)) => Some(
-                proj.forward(&t.apply(act)?)?
-                    .unsqueeze(D::Minus1)?
-                    .unsqueeze(D::Minus1)?,
-            ),
+            (Some(proj), Some(t)) => Some(proj.forward(&t.apply(act)?)?),
             (Some(_), None) => {
                 return Err(Error::invalid(
                     "ResnetBlock2D: this block needs a time embedding but none was given",
@@ -246,11 +241,15 @@ impl ResnetBlock2D {
             }
             (None, _) => None,
         };
-        if let (Some(t), TimeEmbeddingNorm::Default) = (&temb, self.time_embedding_norm) {
-            h = h.broadcast_add(t)?;
-        }
+        // The default time embedding is a per-sample bias of conv1, added
+        // inside the convolution.
+        h = match (&temb, self.time_embedding_norm) {
+            (Some(t), TimeEmbeddingNorm::Default) => self.conv1.forward_add(&h, t)?,
+            _ => self.conv1.forward(&h)?,
+        };
         h = match (&temb, self.time_embedding_norm) {
             (Some(t), TimeEmbeddingNorm::ScaleShift) => {
+                let t = t.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?;
                 let scale = t.narrow(1, 0, self.out_channels)?;
                 let shift = t.narrow(1, self.out_channels, self.out_channels)?;
                 let h = self.norm2.forward(&h)?;
@@ -260,12 +259,24 @@ impl ResnetBlock2D {
             }
             _ => norm_act(&self.norm2, act, &h)?,
         };
-        h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
-            Some(c) => c.forward(xs)?,
+            // conv2's bias moves into the shortcut conv's (a [C] add), so
+            // that the residual add happens inside conv2.
+            Some(c) => match (&c.bias, &self.conv2.bias) {
+                (Some(b_sc), Some(b2)) => {
+                    let bias = (b_sc + b2)?;
+                    crate::ops::conv::conv2d(xs, &c.weight, Some(&bias), &c.config)?
+                }
+                _ => c.forward(xs)?,
+            },
             None => xs.clone(),
         };
-        let out = (shortcut + h)?;
+        let out = match (&self.conv_shortcut, &self.conv2.bias) {
+            (Some(c), Some(_)) if c.bias.is_some() => {
+                crate::ops::conv::conv2d_add(&h, &self.conv2.weight, &shortcut, &self.conv2.config)?
+            }
+            _ => (shortcut + self.conv2.forward(&h)?)?,
+        };
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {

@@ -24,7 +24,9 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Module, Shape, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Module, Shape, Tensor,
+};
 use candle_nn::VarBuilder;
 use gemm::Parallelism;
 
@@ -873,21 +875,150 @@ impl CustomOp2 for ConvOp {
     }
 }
 
+/// `conv(x, w) + b`, the bias added in place into the convolution's output
+/// and its gradient reduced in the same backward node: one graph node and
+/// one output-sized buffer fewer than a separate bias add.
+struct ConvBiasOp {
+    geom: Geom,
+}
+
+impl CustomOp3 for ConvBiasOp {
+    fn name(&self) -> &'static str {
+        "ensueno-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = &self.geom;
+        let x = f32_slice(s1, l1, &g.x_shape(), "input")?;
+        let w = f32_slice(s2, l2, &g.w_shape(), "weight")?;
+        let b_shape = if l3.dims().len() == 2 {
+            Shape::from((g.n, g.o))
+        } else {
+            Shape::from(g.o)
+        };
+        let b = f32_slice(s3, l3, &b_shape, "bias")?;
+        let mut y = conv_fwd(g, x, w);
+        crate::ops::bias::add_channel_bias_inplace(&mut y, g.ho * g.wo, b);
+        Ok((CpuStorage::F32(y), g.y_shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let op = |kind| ConvOp {
+            geom: self.geom,
+            kind,
+        };
+        let gx = grad.apply_op2_no_bwd(w, &op(Kind::GradInput))?;
+        let gw = x.apply_op2_no_bwd(&grad, &op(Kind::GradWeight))?;
+        let gb = crate::ops::bias::plane_bias_grad(&grad, b.rank() == 2)?;
+        Ok((Some(gx), Some(gw), Some(gb)))
+    }
+}
+
+/// `conv(x, w) + r` with `r` of the output's shape (the resnet's residual
+/// connection), added in place into the convolution's output: one graph node
+/// and one output-sized buffer fewer than a separate add.
+struct ConvResidualOp {
+    geom: Geom,
+}
+
+impl CustomOp3 for ConvResidualOp {
+    fn name(&self) -> &'static str {
+        "ensueno-conv2d-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = &self.geom;
+        let x = f32_slice(s1, l1, &g.x_shape(), "input")?;
+        let w = f32_slice(s2, l2, &g.w_shape(), "weight")?;
+        let r = f32_slice(s3, l3, &g.y_shape(), "residual")?;
+        let mut y = conv_fwd(g, x, w);
+        crate::ops::bias::add_inplace(&mut y, r);
+        Ok((CpuStorage::F32(y), g.y_shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _r: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let op = |kind| ConvOp {
+            geom: self.geom,
+            kind,
+        };
+        let gx = grad.apply_op2_no_bwd(w, &op(Kind::GradInput))?;
+        let gw = x.apply_op2_no_bwd(&grad, &op(Kind::GradWeight))?;
+        Ok((Some(gx), Some(gw), Some(grad)))
+    }
+}
+
+/// `conv2d(x, w, None, cfg) + residual`, fused on the fast path.
+///
+/// # Shapes
+/// - `x`: `[N, C, H, W]`, `w`: `[O, C / groups, kh, kw]`
+/// - `residual`: the output's shape `[N, O, Ho, Wo]`
+/// - returns `[N, O, Ho, Wo]`
+pub fn conv2d_add(x: &Tensor, w: &Tensor, residual: &Tensor, cfg: &Conv2dConfig) -> Result<Tensor> {
+    let geom = conv_geom(x, w, cfg)?;
+    if residual.shape() != &geom.y_shape() {
+        return Err(Error::Shape {
+            what: "convolution residual".into(),
+            expected: format!("{:?}", geom.y_shape().dims()),
+            got: format!("{:?}", residual.dims()),
+        });
+    }
+    if fast_path(x, w) && residual.dtype() == DType::F32 {
+        return Ok(x.contiguous()?.apply_op3(
+            &w.contiguous()?,
+            &residual.contiguous()?,
+            ConvResidualOp { geom },
+        )?);
+    }
+    Ok((conv2d(x, w, None, cfg)? + residual)?)
+}
+
 fn fast_path(x: &Tensor, w: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && w.dtype() == DType::F32
 }
 
 fn add_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let Some(b) = b else { return Ok(y) };
-    let o = y.dim(1)?;
-    if b.dims() != [o] {
+    let (n, o) = (y.dim(0)?, y.dim(1)?);
+    if b.dims() != [o] && b.dims() != [n, o] {
         return Err(Error::Shape {
             what: "convolution bias".into(),
-            expected: format!("[{o}]"),
+            expected: format!("[{o}] or [{n}, {o}]"),
             got: format!("{:?}", b.dims()),
         });
     }
-    Ok(y.broadcast_add(&b.reshape((1, o, 1, 1))?)?)
+    crate::ops::bias::add_plane_bias(&y, b)
 }
 
 /// 2D convolution (cross-correlation, as PyTorch), differentiable.
@@ -895,7 +1026,7 @@ fn add_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// # Shapes
 /// - `x`: `[N, C, H, W]`
 /// - `w`: `[O, C / groups, kh, kw]`
-/// - `b`: `[O]`
+/// - `b`: `[O]`, or `[N, O]` for a per-sample bias
 /// - returns `[N, O, Ho, Wo]` with `Ho = (H + 2 * padding - dilation * (kh - 1) - 1) / stride + 1`
 ///   (likewise `Wo`).
 ///
@@ -903,6 +1034,16 @@ fn add_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// through candle's `Tensor::conv2d`.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, cfg: &Conv2dConfig) -> Result<Tensor> {
     let geom = conv_geom(x, w, cfg)?;
+    if let Some(b) = b {
+        let bias_ok = b.dims() == [geom.o] || b.dims() == [geom.n, geom.o];
+        if fast_path(x, w) && b.dtype() == DType::F32 && bias_ok {
+            return Ok(x.contiguous()?.apply_op3(
+                &w.contiguous()?,
+                &b.contiguous()?,
+                ConvBiasOp { geom },
+            )?);
+        }
+    }
     let y = if fast_path(x, w) {
         x.contiguous()?.apply_op2(
             &w.contiguous()?,
@@ -1092,6 +1233,17 @@ impl Conv2d {
     /// `x [N, C, H, W]` -> `[N, O, Ho, Wo]` (see [`conv2d`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         conv2d(x, &self.weight, self.bias.as_ref(), &self.config)
+    }
+
+    /// `forward(x) + extra` with `extra [N, out_channels]` broadcast over the
+    /// spatial dims (the resnet's time embedding), fused into the
+    /// convolution as a per-sample bias.
+    pub fn forward_add(&self, x: &Tensor, extra: &Tensor) -> Result<Tensor> {
+        let bias = match &self.bias {
+            Some(b) => extra.broadcast_add(&b.unsqueeze(0)?)?,
+            None => extra.clone(),
+        };
+        conv2d(x, &self.weight, Some(&bias), &self.config)
     }
 }
 

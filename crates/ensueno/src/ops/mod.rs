@@ -7,5 +7,6 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod bias;
 pub mod conv;
 pub mod group_norm;
