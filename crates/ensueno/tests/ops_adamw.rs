@@ -5,19 +5,14 @@
 //! Tolerance: max|ours - reference| / max(max|reference|, 1e-6) <= 1e-4 per
 //! parameter tensor after every step.
 
+mod common;
+use common::rel_err;
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW};
 use ensueno::ops::adamw::AdamW;
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap();
-    let scale = b.abs().unwrap().max_all().unwrap();
-    diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-6)
-}
 
 fn config() -> ParamsAdamW {
     ParamsAdamW {

@@ -4,34 +4,13 @@
 //! Tolerance: max|ours - reference| / max(max|reference|, 1e-6) <= 1e-4 for
 //! every compared tensor.
 
+mod common;
+use common::check;
+
 use candle_core::{DType, Device, Tensor, Var};
 use ensueno::ops::conv::{
     conv2d, conv_transpose2d, Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig,
 };
-
-const TOL: f32 = 1e-4;
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-    let scale = b.abs().unwrap().max_all().unwrap();
-    let diff = diff
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = scale
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    diff / scale.max(1e-6)
-}
-
-fn check(what: &str, a: &Tensor, b: &Tensor) {
-    let e = rel_err(a, b);
-    assert!(e <= TOL, "{what}: relative error {e:e} > {TOL:e}");
-}
 
 fn randn(shape: &[usize]) -> Tensor {
     Tensor::randn(0f32, 1., shape, &Device::Cpu).unwrap()

@@ -5,30 +5,14 @@
 //! tensor (values, and each gradient separately). Gradients are those of
 //! `(out * r).sum_all()` for a fixed random `r`.
 
+mod common;
+use common::{check, rel_err};
+
 use candle_core::{DType, Device, Module, Tensor, Var};
 use ensueno::ops::attention::{
     scaled_dot_product_attention, scaled_dot_product_attention_composite,
 };
 use ensueno::ops::group_norm::{group_norm, group_norm_composite, GroupNorm};
-
-const TOL: f32 = 1e-4;
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap();
-    let scale = b.abs().unwrap().max_all().unwrap();
-    let diff = diff.to_scalar::<f32>().unwrap();
-    let scale = scale.to_scalar::<f32>().unwrap().max(1e-6);
-    diff / scale
-}
-
-fn check(what: &str, a: &Tensor, b: &Tensor) {
-    let e = rel_err(a, b);
-    eprintln!("{what}: rel err {e:.3e}");
-    assert!(e <= TOL, "{what}: relative error {e} > {TOL}");
-}
 
 fn randn(shape: &[usize], mean: f64, std: f64) -> Tensor {
     Tensor::randn(mean as f32, std as f32, shape, &Device::Cpu).unwrap()

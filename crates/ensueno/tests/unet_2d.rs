@@ -6,14 +6,15 @@
 //! error `max|ours - ref| / max(max|ref|, 1e-6)` over the whole output must
 //! be <= 1e-4.
 
+mod common;
+use common::{rel_err, TOL};
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use ensueno::models::unet_2d::{UNet2DConfig, UNet2DModel};
 use ensueno::Error;
-
-const TOLERANCE: f32 = 1e-4;
 
 fn fixture(case: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -38,32 +39,14 @@ fn load(case: &str) -> (UNet2DModel, std::collections::HashMap<String, Tensor>) 
     (model, io)
 }
 
-fn max_rel_error(ours: &Tensor, reference: &Tensor) -> f32 {
-    assert_eq!(ours.dims(), reference.dims());
-    let max_abs = |t: &Tensor| {
-        t.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
-    max_abs(&(ours - reference).unwrap()) / max_abs(reference).max(1e-6)
-}
-
 fn run_case(case: &str) {
     let (model, io) = load(case);
     let out = model
         .forward(&io["sample"], &io["timesteps"], Some(&io["class_labels"]))
         .unwrap();
-    let err = max_rel_error(&out, &io["output"]);
+    let err = rel_err(&out, &io["output"]);
     eprintln!("{case}: max relative error {err:e}");
-    assert!(
-        err <= TOLERANCE,
-        "{case}: max relative error {err} > {TOLERANCE}"
-    );
+    assert!(err <= TOL, "{case}: max relative error {err} > {TOL}");
 }
 
 #[test]

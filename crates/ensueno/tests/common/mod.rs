@@ -1,4 +1,6 @@
 //! Helpers shared by the golden tests.
+// Each test binary uses a different subset of these.
+#![allow(dead_code)]
 
 use candle_core::Tensor;
 
@@ -7,7 +9,9 @@ use candle_core::Tensor;
 /// `max|ours - ref| / max(max|ref|, 1e-6)`, over the whole tensor.
 pub fn rel_err(ours: &Tensor, reference: &Tensor) -> f32 {
     assert_eq!(ours.dims(), reference.dims(), "shapes differ");
-    max_abs(&(ours - reference).unwrap()) / max_abs(reference).max(1e-6)
+    let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+    let (ours, reference) = (f32(ours), f32(reference));
+    max_abs(&(&ours - &reference).unwrap()) / max_abs(&reference).max(1e-6)
 }
 
 /// The largest absolute value of a tensor (as f32).
@@ -22,4 +26,13 @@ pub fn max_abs(t: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// The tolerance of every comparison with a reference: relative error 1e-4.
+pub const TOL: f32 = 1e-4;
+
+/// Asserts `rel_err(ours, reference) <= TOL`, naming `what` on failure.
+pub fn check(what: &str, ours: &Tensor, reference: &Tensor) {
+    let e = rel_err(ours, reference);
+    assert!(e <= TOL, "{what}: relative error {e:e} > {TOL:e}");
 }
