@@ -17,25 +17,11 @@ use candle_nn::VarBuilder;
 use crate::ops::conv::Conv2d;
 use serde::{Deserialize, Serialize};
 
+use super::config_defaults::{d_1, d_3, d_32, d_4, d_silu, d_true};
 use crate::models::resnet::{conv2d, Activation};
 use crate::models::vae::{Decoder, Encoder, VaeCoderConfig};
 use crate::{Error, Result};
 
-fn d_3() -> usize {
-    3
-}
-fn d_1() -> usize {
-    1
-}
-fn d_4() -> usize {
-    4
-}
-fn d_32() -> usize {
-    32
-}
-fn d_true() -> bool {
-    true
-}
 fn d_down() -> Vec<String> {
     vec!["DownEncoderBlock2D".to_string()]
 }
@@ -44,9 +30,6 @@ fn d_up() -> Vec<String> {
 }
 fn d_channels() -> Vec<usize> {
     vec![64]
-}
-fn d_silu() -> String {
-    "silu".to_string()
 }
 fn d_scaling() -> f64 {
     0.18215

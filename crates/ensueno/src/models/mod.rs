@@ -7,6 +7,7 @@ pub mod autoencoder_kl;
 pub mod autoencoder_tiny;
 pub mod clip_text_model;
 pub mod clip_tokenizer;
+mod config_defaults;
 pub mod downsampling;
 pub mod embeddings;
 pub mod resnet;

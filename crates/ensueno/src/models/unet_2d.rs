@@ -22,6 +22,9 @@ use crate::ops::conv::Conv2d;
 use crate::ops::group_norm::GroupNorm;
 use serde::{Deserialize, Serialize};
 
+use super::config_defaults::{
+    d_1, d_3, d_32, d_default, d_norm_eps, d_one_f, d_positional, d_silu, d_true,
+};
 use crate::models::attention::{Attention, AttentionConfig};
 use crate::models::downsampling::Downsample2D;
 use crate::models::embeddings::{TimestepEmbedding, Timesteps};
@@ -42,35 +45,8 @@ fn config_error(message: impl Into<String>) -> Error {
     }
 }
 
-fn d_3() -> usize {
-    3
-}
-fn d_true() -> bool {
-    true
-}
-fn d_one_f() -> f64 {
-    1.0
-}
-fn d_1() -> usize {
-    1
-}
 fn d_2() -> usize {
     2
-}
-fn d_32() -> usize {
-    32
-}
-fn d_norm_eps() -> f64 {
-    1e-5
-}
-fn d_silu() -> String {
-    "silu".to_string()
-}
-fn d_default() -> String {
-    "default".to_string()
-}
-fn d_positional() -> String {
-    "positional".to_string()
 }
 fn d_conv() -> String {
     "conv".to_string()

@@ -20,6 +20,9 @@ use crate::ops::conv::Conv2d;
 use crate::ops::group_norm::GroupNorm;
 use serde::{Deserialize, Serialize};
 
+use super::config_defaults::{
+    d_1, d_3, d_4, d_64, d_default, d_norm_eps, d_one_f, d_positional, d_silu, d_true,
+};
 use crate::models::embeddings::{TimestepEmbedding, Timesteps};
 use crate::models::resnet::{conv2d, group_norm, Activation, TimeEmbeddingNorm};
 use crate::models::unet_2d_blocks::{
@@ -69,36 +72,6 @@ fn sd_up_blocks() -> Vec<String> {
 }
 fn d_mid_block() -> Option<String> {
     Some("UNetMidBlock2DCrossAttn".to_string())
-}
-fn d_4() -> usize {
-    4
-}
-fn d_1() -> usize {
-    1
-}
-fn d_3() -> usize {
-    3
-}
-fn d_64() -> usize {
-    64
-}
-fn d_true() -> bool {
-    true
-}
-fn d_one_f() -> f64 {
-    1.0
-}
-fn d_norm_eps() -> f64 {
-    1e-5
-}
-fn d_silu() -> String {
-    "silu".to_string()
-}
-fn d_default() -> String {
-    "default".to_string()
-}
-fn d_positional() -> String {
-    "positional".to_string()
 }
 fn d_groups() -> Option<usize> {
     Some(32)

@@ -174,26 +174,20 @@ fn forward_block(
         let kn = bk.min(tk - k0);
         // SAFETY: all pointers and strides describe in-bounds row-major blocks.
         unsafe {
-            gemm::gemm(
+            mm(
                 rows,
                 kn,
                 d,
                 s.as_mut_ptr(),
-                1,
-                bk as isize,
+                bk,
                 false,
                 q.as_ptr(),
+                d,
                 1,
-                d as isize,
                 k.as_ptr().add(k0 * d),
-                d as isize,
                 1,
-                0.0,
+                d,
                 scale,
-                false,
-                false,
-                false,
-                Parallelism::None,
             );
         }
         for r in 0..rows {
@@ -212,27 +206,22 @@ fn forward_block(
                 scale_slice(&mut out[r * dv..(r + 1) * dv], alpha);
             }
         }
+        // SAFETY: as above; `out` rows accumulate this key block's values.
         unsafe {
-            gemm::gemm(
+            mm(
                 rows,
                 dv,
                 kn,
                 out.as_mut_ptr(),
-                1,
-                dv as isize,
+                dv,
                 true,
                 s.as_ptr(),
+                bk,
                 1,
-                bk as isize,
                 v.as_ptr().add(k0 * dv),
+                dv,
                 1,
-                dv as isize,
                 1.0,
-                1.0,
-                false,
-                false,
-                false,
-                Parallelism::None,
             );
         }
         k0 += kn;
@@ -335,26 +324,18 @@ unsafe fn mm(
     rhs_cs: usize,
     beta: f32,
 ) {
+    // SAFETY: forwarded to the caller.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        super::sgemm(
+            (m, n, k),
             dst,
-            1,
-            dst_rs as isize,
+            (dst_rs, 1),
             accumulate,
             lhs,
-            lhs_cs as isize,
-            lhs_rs as isize,
+            (lhs_rs, lhs_cs),
             rhs,
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
+            (rhs_rs, rhs_cs),
             beta,
-            false,
-            false,
-            false,
             Parallelism::None,
         )
     }

@@ -365,46 +365,6 @@ fn for_each_unit(n_units: usize, f: impl Fn(usize, usize, Parallelism) + Sync) {
     });
 }
 
-/// `dst[m, n] (+)= lhs[m, k] * rhs[k, n]`, strides in elements.
-///
-/// # Safety
-/// Every pointer must be valid for the elements its strides address, and
-/// `dst` must not be written concurrently by anyone else.
-#[allow(clippy::too_many_arguments)]
-unsafe fn sgemm(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    (dst_rs, dst_cs): (usize, usize),
-    accumulate: bool,
-    lhs: *const f32,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const f32,
-    (rhs_rs, rhs_cs): (usize, usize),
-    par: Parallelism,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        dst_cs as isize,
-        dst_rs as isize,
-        accumulate,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        par,
-    )
-}
-
 /// Output columns `lo..hi` whose input column `ow * stride + off` lies in
 /// `0..w`.
 fn valid_cols(off: isize, stride: usize, w: usize, wo: usize) -> (usize, usize) {
@@ -520,7 +480,7 @@ fn conv_fwd(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
             // SAFETY: lhs [og, cg] and rhs [cg, cols] (row stride hw) lie in
             // `wg` and `xg`; dst as above.
             unsafe {
-                sgemm(
+                super::sgemm(
                     (og, cols, cg),
                     dst,
                     (howo, 1),
@@ -529,6 +489,7 @@ fn conv_fwd(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
                     (cg, 1),
                     src.as_ptr(),
                     (g.hw(), 1),
+                    1.0,
                     par,
                 )
             }
@@ -537,7 +498,7 @@ fn conv_fwd(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
                 im2col(g, xg, oh0, r, col);
                 // SAFETY: lhs [og, kdim] is `wg`, rhs [kdim, cols] is `col`.
                 unsafe {
-                    sgemm(
+                    super::sgemm(
                         (og, cols, kdim),
                         dst,
                         (howo, 1),
@@ -546,6 +507,7 @@ fn conv_fwd(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
                         (kdim, 1),
                         col.as_ptr(),
                         (cols, 1),
+                        1.0,
                         par,
                     )
                 }
@@ -626,7 +588,7 @@ fn conv_grad_input(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
             // p0..p0+cols only; lhs W^T [cg, og] (strides 1, cg) is in `wg`.
             unsafe {
                 let dst = dxp.at((ni * g.c + gi * cg) * g.hw() + p0);
-                sgemm(
+                super::sgemm(
                     (cg, cols, og),
                     dst,
                     (g.hw(), 1),
@@ -635,6 +597,7 @@ fn conv_grad_input(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
                     (1, cg),
                     dyg.as_ptr(),
                     (howo, 1),
+                    1.0,
                     par,
                 )
             }
@@ -671,7 +634,7 @@ fn conv_grad_input(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
                 // SAFETY: lhs [m, og] lies in `wg` (last element at
                 // (og-1)*kdim + m-1 < og*kdim - c0*kk), rhs [og, cols] in `dyg`.
                 unsafe {
-                    sgemm(
+                    super::sgemm(
                         (m, cols, og),
                         col.as_mut_ptr(),
                         (cols, 1),
@@ -680,6 +643,7 @@ fn conv_grad_input(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
                         (1, kdim),
                         dyg[oh0 * g.wo..].as_ptr(),
                         (howo, 1),
+                        1.0,
                         par,
                     )
                 }
@@ -720,7 +684,7 @@ fn conv_grad_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
         if g.is_pointwise() {
             // SAFETY: rhs X^T [cols, cg] (strides 1, hw) lies in `xg`.
             unsafe {
-                sgemm(
+                super::sgemm(
                     (og, cg, cols),
                     dst,
                     (kdim, 1),
@@ -729,6 +693,7 @@ fn conv_grad_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
                     (howo, 1),
                     xg[oh0 * g.wo..].as_ptr(),
                     (1, g.hw()),
+                    1.0,
                     par,
                 )
             }
@@ -737,7 +702,7 @@ fn conv_grad_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
                 im2col(g, xg, oh0, r, col);
                 // SAFETY: rhs col^T [cols, kdim] (strides 1, cols) is `col`.
                 unsafe {
-                    sgemm(
+                    super::sgemm(
                         (og, kdim, cols),
                         dst,
                         (kdim, 1),
@@ -746,6 +711,7 @@ fn conv_grad_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
                         (howo, 1),
                         col.as_ptr(),
                         (1, cols),
+                        1.0,
                         par,
                     )
                 }

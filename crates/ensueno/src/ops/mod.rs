@@ -10,3 +10,49 @@ pub mod attention;
 pub mod bias;
 pub mod conv;
 pub mod group_norm;
+
+/// `dst[m, n] = lhs[m, k] * rhs[k, n]`, or `dst += beta * lhs * rhs` when
+/// `accumulate`; strides in elements (rows, columns). One wrapper over
+/// `gemm::gemm` for every kernel of this module.
+///
+/// # Safety
+/// Every pointer must be valid for the elements its strides address, and
+/// `dst` must not be written concurrently by anyone else.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn sgemm(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+    beta: f32,
+    par: gemm::Parallelism,
+) {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dst_cs as isize,
+            dst_rs as isize,
+            accumulate,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
