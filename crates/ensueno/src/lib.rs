@@ -5,6 +5,7 @@
 //! `pipelines` compose them, and `io` reads and writes checkpoints, images and
 //! arrays. Binaries (the `ensueno` CLI, the server) are thin glue over it.
 
+pub mod data;
 pub mod error;
 pub mod io;
 pub mod models;
