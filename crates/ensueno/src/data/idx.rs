@@ -191,7 +191,10 @@ pub fn open_idx(dir: &Path, options: &LoadOptions) -> Result<ImageDataset> {
     let fashion = is_fashion(dir);
     let class_names: Option<Vec<String>> = if labels.iter().all(|&l| l < 10) {
         Some(if fashion {
-            FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect()
+            FASHION_MNIST_CLASSES
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
         } else {
             (0..10).map(|d| d.to_string()).collect()
         })

@@ -141,8 +141,7 @@ impl Augment {
         let reversed: Vec<u32> = (0..w as u32).rev().collect();
         let reversed = Tensor::from_vec(reversed, w, device)?;
         let flipped = images.contiguous()?.index_select(&reversed, 3)?;
-        let mask = Tensor::from_vec(mask, (b, 1, 1, 1), device)?
-            .broadcast_as((b, c, h, w))?;
+        let mask = Tensor::from_vec(mask, (b, 1, 1, 1), device)?.broadcast_as((b, c, h, w))?;
         Ok(mask.where_cond(&flipped, images)?)
     }
 }

@@ -29,7 +29,8 @@ pub fn open_tar(path: &Path, options: &LoadOptions) -> Result<ImageDataset> {
         return Err(super::no_test_split(path));
     }
     let shown = path.display();
-    let bad_tar = |e: std::io::Error| Error::invalid(format!("{shown}: not a valid tar file ({e})"));
+    let bad_tar =
+        |e: std::io::Error| Error::invalid(format!("{shown}: not a valid tar file ({e})"));
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut archive = tar::Archive::new(std::io::BufReader::new(file));
     let mut samples: BTreeMap<String, Parts> = BTreeMap::new();
@@ -38,7 +39,11 @@ pub fn open_tar(path: &Path, options: &LoadOptions) -> Result<ImageDataset> {
         if !entry.header().entry_type().is_file() {
             continue;
         }
-        let entry_path = entry.path().map_err(bad_tar)?.to_string_lossy().into_owned();
+        let entry_path = entry
+            .path()
+            .map_err(bad_tar)?
+            .to_string_lossy()
+            .into_owned();
         let (dir, file_name) = match entry_path.rsplit_once('/') {
             Some((d, f)) => (format!("{d}/"), f.to_string()),
             None => (String::new(), entry_path.clone()),
