@@ -904,6 +904,36 @@ fn shared_real_datasets() {
     .unwrap();
     assert_eq!(dir, tmp.path());
     assert_eq!(seen.len(), 4);
+    // A missing file is downloaded (from a local server here), verified and renamed into place.
+    let labels = "t10k-labels-idx1-ubyte.gz";
+    std::fs::remove_file(tmp.path().join(labels)).unwrap();
+    let local = serve(std::fs::read(mnist.join(labels)).unwrap());
+    let mut last = (0, None);
+    data::fetch::fetch_from_mirrors(
+        "mnist",
+        Some(tmp.path()),
+        &["http://127.0.0.1:9/", &local],
+        &mut |f, n, total| {
+            if f == labels {
+                last = (n, total);
+            }
+        },
+    )
+    .unwrap();
+    let size = std::fs::metadata(mnist.join(labels)).unwrap().len();
+    assert_eq!(last, (size, Some(size)));
+    data::fetch::verify("mnist", tmp.path()).unwrap();
+    let leftovers = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with('.')
+        })
+        .count();
+    assert_eq!(leftovers, 0, "no temporary file left");
 
     let emoji = data::open(&shared.join("emoji/twemoji-64.tar"), &opts()).unwrap();
     assert_eq!(
