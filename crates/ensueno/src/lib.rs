@@ -6,6 +6,7 @@
 //! arrays. Binaries (the `ensueno` CLI, the server) are thin glue over it.
 
 pub mod error;
+pub mod eval;
 pub mod io;
 pub mod models;
 pub mod ops;
