@@ -161,7 +161,10 @@ fn classifier_shapes_and_training_mode() {
     let grads = loss.backward().unwrap();
     for name in ["conv1.weight", "fc1.weight", "norm2.weight"] {
         let var = varmap.data().lock().unwrap()[name].clone();
-        assert!(grads.get(var.as_tensor()).is_some(), "no gradient for {name}");
+        assert!(
+            grads.get(var.as_tensor()).is_some(),
+            "no gradient for {name}"
+        );
     }
     assert!(model
         .forward_train(&x.narrow(0, 0, 1).unwrap(), true)
@@ -173,9 +176,17 @@ fn classifier_rejects_bad_input_and_checkpoints() {
     let dev = Device::Cpu;
     let vb = candle_nn::VarBuilder::zeros(DType::F32, &dev);
     let model = MnistClassifier::new(vb).unwrap();
-    for shape in [vec![2, 3, 28, 28], vec![2, 1, 32, 32], vec![1, 28, 28], vec![0, 1, 28, 28]] {
+    for shape in [
+        vec![2, 3, 28, 28],
+        vec![2, 1, 32, 32],
+        vec![1, 28, 28],
+        vec![0, 1, 28, 28],
+    ] {
         let x = Tensor::zeros(shape.as_slice(), DType::F32, &dev).unwrap();
-        assert!(matches!(model.forward(&x).unwrap_err(), Error::Shape { .. }));
+        assert!(matches!(
+            model.forward(&x).unwrap_err(),
+            Error::Shape { .. }
+        ));
         assert!(model.predict(&x).is_err());
         assert!(model.features(&x).is_err());
     }
@@ -200,17 +211,26 @@ fn classifier_rejects_bad_input_and_checkpoints() {
         ("fc2.weight", &[10, 31]),
     ];
     for (name, shape) in shapes {
-        tensors.insert(name.to_string(), Tensor::zeros(shape, DType::F32, &dev).unwrap());
+        tensors.insert(
+            name.to_string(),
+            Tensor::zeros(shape, DType::F32, &dev).unwrap(),
+        );
     }
     let path = dir.path().join("broken.safetensors");
     candle_core::safetensors::save(&tensors, &path).unwrap();
     let e = MnistClassifier::load(&path, &dev).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, Error::Model { .. }), "{msg}");
-    assert!(msg.contains("fc1.weight") && msg.contains("broken.safetensors"), "{msg}");
+    assert!(
+        msg.contains("fc1.weight") && msg.contains("broken.safetensors"),
+        "{msg}"
+    );
 
     // Wrong shape of an existing key.
-    tensors.insert("fc1.weight".into(), Tensor::zeros((32, 11616), DType::F32, &dev).unwrap());
+    tensors.insert(
+        "fc1.weight".into(),
+        Tensor::zeros((32, 11616), DType::F32, &dev).unwrap(),
+    );
     candle_core::safetensors::save(&tensors, &path).unwrap();
     let msg = MnistClassifier::load(&path, &dev).unwrap_err().to_string();
     assert!(msg.contains("fc2.weight"), "{msg}");
@@ -223,7 +243,9 @@ fn shared() -> Option<PathBuf> {
     match std::env::var_os("ENSUENO_SHARED") {
         Some(p) => Some(PathBuf::from(p)),
         None => {
-            eprintln!("skipped: set ENSUENO_SHARED to the shared folder to test the MNIST classifier");
+            eprintln!(
+                "skipped: set ENSUENO_SHARED to the shared folder to test the MNIST classifier"
+            );
             None
         }
     }
@@ -257,18 +279,18 @@ fn mnist_classifier_matches_reference() {
     .unwrap();
     let t = load("mnist_classifier.safetensors");
     let images = &t["images"];
-    common::check("log_probs", &model.forward(images).unwrap(), &t["log_probs"]);
+    common::check(
+        "log_probs",
+        &model.forward(images).unwrap(),
+        &t["log_probs"],
+    );
     common::check("features", &model.features(images).unwrap(), &t["features"]);
     eprintln!(
         "log_probs rel err {:e}, features rel err {:e}",
         common::rel_err(&model.forward(images).unwrap(), &t["log_probs"]),
         common::rel_err(&model.features(images).unwrap(), &t["features"])
     );
-    let reference: Vec<u32> = t["log_probs"]
-        .argmax(1)
-        .unwrap()
-        .to_vec1::<u32>()
-        .unwrap();
+    let reference: Vec<u32> = t["log_probs"].argmax(1).unwrap().to_vec1::<u32>().unwrap();
     assert_eq!(model.predict(images).unwrap(), reference);
 
     // All 10,000 test digits.
@@ -293,7 +315,9 @@ fn mnist_classifier_matches_reference() {
     // PyTorch with the same weights: 99.17% (scripts/golden/eval.py).
     assert!((acc - 0.9917).abs() < 0.0005, "accuracy {acc}");
     // Features batched match features.
-    let f = model.features_batched(&x.narrow(0, 0, 600).unwrap()).unwrap();
+    let f = model
+        .features_batched(&x.narrow(0, 0, 600).unwrap())
+        .unwrap();
     let g = model.features(&x.narrow(0, 500, 100).unwrap()).unwrap();
     common::check("features_batched", &f.narrow(0, 500, 100).unwrap(), &g);
 }

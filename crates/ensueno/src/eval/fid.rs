@@ -49,7 +49,9 @@ impl FeatureStats {
         };
         let values = f.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
         if values.iter().any(|v| !v.is_finite()) {
-            return Err(Error::invalid("feature set contains NaN or infinite values"));
+            return Err(Error::invalid(
+                "feature set contains NaN or infinite values",
+            ));
         }
         let x = DMatrix::from_row_slice(n, d, &values);
         let mean: Vec<f64> = x.row_mean().iter().copied().collect();
