@@ -13,6 +13,7 @@ pub mod models;
 pub mod ops;
 pub mod pipelines;
 pub mod schedulers;
+pub mod train;
 pub mod utils;
 
 pub use error::{Error, Result};
