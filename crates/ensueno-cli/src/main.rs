@@ -1,6 +1,9 @@
 //! `ensueno`: the command line. Thin glue over the `ensueno` library.
 
+mod data;
+mod eval;
 mod generate;
+mod sample;
 mod train;
 
 use std::process::ExitCode;
@@ -28,6 +31,13 @@ enum Command {
     /// Train a model from scratch (diffusion, vae, gan).
     #[command(subcommand)]
     Train(train::TrainCommand),
+    /// Sample a model trained by `ensueno train` (a class, a prompt naming a class, or unconditional).
+    Sample(sample::SampleArgs),
+    /// Score a class-conditional model: classifier accuracy and classifier-FID against real data.
+    Eval(eval::EvalArgs),
+    /// Datasets: `ensueno data fetch mnist|fashion-mnist`.
+    #[command(subcommand)]
+    Data(data::DataCommand),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +58,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args),
         Command::Train(command) => train::run(command),
+        Command::Sample(args) => sample::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Data(command) => data::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,6 +7,8 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::{Args, Subcommand};
 use ensueno::data::{self, ImageDataset, LoadOptions, Split};
+use ensueno::eval::ClassifierConfig;
+use ensueno::train::classifier::ClassifierTask;
 use ensueno::train::diffusion::{mnist_unet_config, DiffusionRecipe, DiffusionTask};
 use ensueno::train::{TrainEvent, TrainOptions, TrainSummary, TrainTask};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -17,6 +19,8 @@ use crate::generate::{pick_device, DeviceArg};
 pub enum TrainCommand {
     /// Pixel-space DDPM with a UNet2DModel, class-conditional with classifier-free guidance.
     Diffusion(DiffusionArgs),
+    /// The scoring classifier for `ensueno eval` (the shared MNIST classifier's architecture), e.g. for Fashion-MNIST.
+    Classifier(ClassifierArgs),
 }
 
 /// Flags every trainer takes.
@@ -103,7 +107,53 @@ pub struct DiffusionArgs {
 pub fn run(command: TrainCommand) -> Result<()> {
     match command {
         TrainCommand::Diffusion(args) => train_diffusion(args),
+        TrainCommand::Classifier(args) => train_classifier(args),
     }
+}
+
+#[derive(Args)]
+pub struct ClassifierArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+fn train_classifier(args: ClassifierArgs) -> Result<()> {
+    let device = pick_device(args.common.device)?;
+    let data = args.common.load(Split::Train)?;
+    let class_names = data
+        .class_names
+        .clone()
+        .context("the data has no class labels")?;
+    // Inputs are standardised with the training set's own pixel statistics.
+    let n = data.images.len() as f64;
+    let mean = data.images.iter().map(|&p| p as f64 / 255.).sum::<f64>() / n;
+    let var = data
+        .images
+        .iter()
+        .map(|&p| (p as f64 / 255. - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    let config = ClassifierConfig::new(class_names, mean, var.sqrt());
+    let options = args.common.options(3, 64, 1e-3);
+    let mut task = ClassifierTask::new(config, options.lr, options.seed, &device)?;
+    let summary = run_task(&mut task, &data, &options, &device)?;
+    let test = args.common.load(Split::Test)?;
+    let labels = test.labels.clone().context("the test set has no labels")?;
+    let all: Vec<usize> = (0..test.len()).collect();
+    let mut predicted = Vec::with_capacity(test.len());
+    for chunk in all.chunks(500) {
+        predicted.extend(task.model().predict(&test.batch_images(chunk, &device)?)?);
+    }
+    // The exported model has the final weights: score that one.
+    let accuracy = ensueno::eval::accuracy(&predicted, &labels);
+    report(&summary, &options.output);
+    println!(
+        "test accuracy: {:.2}% ({} images of {})",
+        100. * accuracy,
+        test.len(),
+        test.name
+    );
+    Ok(())
 }
 
 fn train_diffusion(args: DiffusionArgs) -> Result<()> {
@@ -156,6 +206,7 @@ pub fn run_task(
     let mut epochs = options.epochs;
     let mut smoothed: Option<f64> = None;
     let started = Instant::now();
+    let mut epoch_start = Instant::now();
     let summary = ensueno::train::train(task, data, options, device, &mut |event| match event {
         TrainEvent::Started {
             start_epoch,
@@ -173,13 +224,29 @@ pub fn run_task(
         TrainEvent::Step {
             epoch,
             batch,
+            batches,
             names,
             losses,
             ..
         } => {
+            if *batch == 0 {
+                epoch_start = Instant::now();
+            }
             let v = losses[0];
             let s = smoothed.map_or(v, |s| 0.95 * s + 0.05 * v);
             smoothed = Some(s);
+            if bar.is_hidden() && (batch + 1) % 50 == 0 {
+                // Not a terminal (a log file): a line now and then instead.
+                eprintln!(
+                    "epoch {} step {}/{}: {} {:.4} ({:.2} it/s)",
+                    epoch + 1,
+                    batch + 1,
+                    batches,
+                    names[0],
+                    s,
+                    (batch + 1) as f64 / epoch_start.elapsed().as_secs_f64()
+                );
+            }
             bar.set_prefix(format!("{}/{}", epoch + 1, epochs));
             bar.set_position(*batch as u64 + 1);
             bar.set_message(format!("{} {:.4}", names[0], s));

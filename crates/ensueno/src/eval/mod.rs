@@ -7,3 +7,7 @@ pub mod mnist_classifier;
 
 pub use fid::{frechet_distance, FeatureStats};
 pub use mnist_classifier::{accuracy, MnistClassifier};
+pub mod classifier_folder;
+pub mod generative;
+
+pub use classifier_folder::{load_classifier, ClassifierConfig, CLASSIFIER_WEIGHTS};

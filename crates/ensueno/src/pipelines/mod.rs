@@ -8,6 +8,7 @@ pub mod latent_preview;
 pub mod pixel_diffusion;
 pub mod request;
 pub mod stable_diffusion;
+pub mod trained_model;
 
 pub use request::{GenerationRequest, Limits};
 pub use stable_diffusion::{

@@ -9,6 +9,7 @@
 //! therefore replays exactly the steps an uninterrupted run takes after `e`.
 
 pub mod checkpoint;
+pub mod classifier;
 pub mod diffusion;
 pub mod ema;
 pub mod params;
