@@ -56,6 +56,7 @@ def base_parser(description, epochs, batch_size, lr):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-steps-per-epoch", type=int, default=0, help="0 = whole epoch")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     return p
 
 

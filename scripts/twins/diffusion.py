@@ -52,7 +52,8 @@ def main():
         config.update({k: v for k, v in override.items() if not k.startswith("_")})
     images, labels = common.load_mnist(args.data, "train")
     data = (images.float() / 127.5 - 1.0).unsqueeze(1)
-    unet = UNet2DModel(**config)
+    unet = UNet2DModel(**config).to(args.device)
+    data, labels = data.to(args.device), labels.to(args.device)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
@@ -65,10 +66,10 @@ def main():
         for idx in common.batches(len(data), args.batch_size, gen, args.max_steps_per_epoch):
             x0, y = data[idx], labels[idx].clone()
             n = x0.shape[0]
-            drop = torch.rand(n, generator=gen) < args.cfg_dropout
+            drop = (torch.rand(n, generator=gen) < args.cfg_dropout).to(args.device)
             y[drop] = NULL_CLASS
-            noise = torch.randn(x0.shape, generator=gen)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=gen)
+            noise = torch.randn(x0.shape, generator=gen).to(args.device)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=gen).to(args.device)
             noisy = scheduler.add_noise(x0, noise, t)
             pred = unet(noisy, t, class_labels=y).sample
             loss = F.mse_loss(pred, noise)

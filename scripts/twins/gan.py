@@ -107,7 +107,8 @@ def main():
     images, labels = common.load_mnist(args.data, "train")
     data = (images.float() / 127.5 - 1.0).unsqueeze(1)
     cfg = dict(latent_dim=args.latent_dim, num_classes=10, base_channels=args.base_channels)
-    g, d = Generator(**cfg), Discriminator(**cfg)
+    g, d = Generator(**cfg).to(args.device), Discriminator(**cfg).to(args.device)
+    data, labels = data.to(args.device), labels.to(args.device)
     dcgan_init(g)
     dcgan_init(d)
     opt_g = torch.optim.Adam(g.parameters(), lr=args.lr, betas=(0.5, 0.999))
@@ -122,8 +123,8 @@ def main():
         for idx in common.batches(len(data), args.batch_size, gen, args.max_steps_per_epoch):
             real, y = data[idx], labels[idx]
             n = real.shape[0]
-            z = torch.randn(n, args.latent_dim, generator=gen)
-            fake_y = torch.randint(0, 10, (n,), generator=gen)
+            z = torch.randn(n, args.latent_dim, generator=gen).to(args.device)
+            fake_y = torch.randint(0, 10, (n,), generator=gen).to(args.device)
             fake = g(z, fake_y)
             real_logits = d(real, y)
             fake_logits = d(fake.detach(), fake_y)

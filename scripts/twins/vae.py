@@ -92,7 +92,8 @@ def main():
     train_x, _ = common.load_mnist(args.data, "train")
     test_x, _ = common.load_mnist(args.data, "test")
     data = (torch.cat([train_x, test_x]).float() / 255.0).unsqueeze(1)
-    model = ConvVAE()
+    data = data.to(args.device)
+    model = ConvVAE().to(args.device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     common.log_start("vae", args, images=len(data), params=sum(p.numel() for p in model.parameters()))
@@ -100,7 +101,7 @@ def main():
         log = common.EpochLog(epoch)
         for idx in common.batches(len(data), args.batch_size, gen, args.max_steps_per_epoch):
             x = data[idx]
-            eps = torch.randn(x.shape[0], 2, generator=gen)
+            eps = torch.randn(x.shape[0], 2, generator=gen).to(args.device)
             z_mean, z_log_var, _, logits = model(x, eps)
             loss, recon, kl = vae_loss(x, z_mean, z_log_var, logits)
             opt.zero_grad(set_to_none=True)
