@@ -94,7 +94,7 @@ def main():
     data = (torch.cat([train_x, test_x]).float() / 255.0).unsqueeze(1)
     data = data.to(args.device)
     model = ConvVAE().to(args.device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, eps=1e-7)  # Keras epsilon
     gen = torch.Generator().manual_seed(args.seed)
     common.log_start("vae", args, images=len(data), params=sum(p.numel() for p in model.parameters()))
     for epoch in range(args.epochs):
