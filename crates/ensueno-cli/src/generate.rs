@@ -78,9 +78,19 @@ pub struct GenerateArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum DeviceArg {
+pub enum DeviceArg {
     Cpu,
     Cuda,
+}
+
+/// The device a `--device` flag asks for (default: CUDA when built with it
+/// and present).
+pub fn pick_device(arg: Option<DeviceArg>) -> Result<Device> {
+    Ok(match arg {
+        Some(DeviceArg::Cpu) => Device::Cpu,
+        Some(DeviceArg::Cuda) => Device::new_cuda(0).context("--device cuda")?,
+        None => ensueno::utils::default_device(),
+    })
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -90,7 +100,7 @@ enum DTypeArg {
     Bf16,
 }
 
-fn parse_scheduler(s: &str) -> std::result::Result<SchedulerKind, String> {
+pub fn parse_scheduler(s: &str) -> std::result::Result<SchedulerKind, String> {
     s.parse::<SchedulerKind>().map_err(|e| e.to_string())
 }
 
@@ -129,11 +139,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         tracing::warn!("--strength only applies with --init-image");
     }
 
-    let device = match args.device {
-        Some(DeviceArg::Cpu) => Device::Cpu,
-        Some(DeviceArg::Cuda) => Device::new_cuda(0).context("--device cuda")?,
-        None => ensueno::utils::default_device(),
-    };
+    let device = pick_device(args.device)?;
     let dtype = match (args.dtype, &device) {
         (Some(DTypeArg::F32), _) => DType::F32,
         (Some(DTypeArg::F16), _) => DType::F16,

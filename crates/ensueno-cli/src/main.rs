@@ -1,6 +1,7 @@
 //! `ensueno`: the command line. Thin glue over the `ensueno` library.
 
 mod generate;
+mod train;
 
 use std::process::ExitCode;
 
@@ -24,6 +25,9 @@ struct Cli {
 enum Command {
     /// Generate images from a text prompt (txt2img), or from an image and a prompt (img2img).
     Generate(Box<generate::GenerateArgs>),
+    /// Train a model from scratch (diffusion, vae, gan).
+    #[command(subcommand)]
+    Train(train::TrainCommand),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +47,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args),
+        Command::Train(command) => train::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -60,6 +60,10 @@ pub enum Error {
     #[error("{0}")]
     Hub(String),
 
+    /// Training could not go on (e.g. the loss became NaN).
+    #[error("training stopped: {0}")]
+    Training(String),
+
     /// The caller asked the pipeline to stop.
     #[error("cancelled")]
     Cancelled,

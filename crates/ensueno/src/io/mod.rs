@@ -6,5 +6,6 @@ pub mod hub;
 pub mod images;
 pub mod model_folder;
 pub mod npy;
+pub mod plot;
 pub mod png_info;
 pub mod weights;

@@ -171,3 +171,31 @@ pub fn check_exists(path: &Path) -> Result<()> {
         })
     }
 }
+
+/// Writes named tensors as one safetensors file, atomically (a crash leaves
+/// the previous file in place), with optional string metadata.
+pub fn save_safetensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t.to_device(&Device::Cpu)?.contiguous()?;
+        views.push((name.clone(), t));
+    }
+    let data = safetensors::serialize(views.iter().map(|(n, t)| (n.as_str(), t)), metadata)
+        .map_err(|e| Error::invalid(format!("cannot serialise {}: {e}", path.display())))?;
+    crate::io::atomic::write_atomic(path, |w| {
+        std::io::Write::write_all(w, &data).map_err(|e| Error::io(path, e))
+    })
+}
+
+/// Reads every tensor of a safetensors file into memory (on `device`).
+pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    check_exists(path)?;
+    candle_core::safetensors::load(path, device).map_err(|e| Error::Model {
+        path: path.to_path_buf(),
+        message: format!("not a readable safetensors file: {e}"),
+    })
+}

@@ -187,6 +187,17 @@ impl UNet2DConfig {
         }
     }
 
+    /// `sample_size` as (height, width), when the config gives it.
+    pub fn sample_hw(&self) -> Option<(usize, usize)> {
+        match self.sample_size.as_ref()? {
+            serde_json::Value::Number(n) => n.as_u64().map(|v| (v as usize, v as usize)),
+            serde_json::Value::Array(a) if a.len() == 2 => {
+                Some((a[0].as_u64()? as usize, a[1].as_u64()? as usize))
+            }
+            _ => None,
+        }
+    }
+
     /// Width of the time (and class) embedding.
     pub fn time_embed_dim(&self) -> usize {
         self.time_embedding_dim

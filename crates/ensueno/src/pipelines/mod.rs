@@ -5,6 +5,7 @@
 //! the HTTP API and the web page, with the same field names everywhere.
 
 pub mod latent_preview;
+pub mod pixel_diffusion;
 pub mod request;
 pub mod stable_diffusion;
 

@@ -1,0 +1,232 @@
+//! `ensueno train`: train models from scratch.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use clap::{Args, Subcommand};
+use ensueno::data::{self, ImageDataset, LoadOptions, Split};
+use ensueno::train::diffusion::{mnist_unet_config, DiffusionRecipe, DiffusionTask};
+use ensueno::train::{TrainEvent, TrainOptions, TrainSummary, TrainTask};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::generate::{pick_device, DeviceArg};
+
+#[derive(Subcommand)]
+pub enum TrainCommand {
+    /// Pixel-space DDPM with a UNet2DModel, class-conditional with classifier-free guidance.
+    Diffusion(DiffusionArgs),
+}
+
+/// Flags every trainer takes.
+#[derive(Args, Clone)]
+pub struct CommonArgs {
+    /// Training data: a folder of idx files, a WebDataset .tar, or a folder of images with .txt captions.
+    /// Default: $ENSUENO_DATA/<dataset>, then the `ensueno data fetch` cache.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Which known dataset --data (or ENSUENO_DATA) holds: mnist or fashion-mnist.
+    #[arg(long, default_value = "mnist")]
+    pub dataset: String,
+    /// Checkpoints, loss curves and sample grids go here.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// Epochs (default: the recipe's).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Batch size (default: the recipe's).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Learning rate (default: the recipe's).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Seed of the weights' initialisation, the data order and every random draw.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Continue the run in --output from its latest checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop each epoch after this many batches (quick trials).
+    #[arg(long)]
+    pub max_steps_per_epoch: Option<usize>,
+    /// cpu or cuda.
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceArg>,
+}
+
+impl CommonArgs {
+    fn options(&self, epochs: usize, batch_size: usize, lr: f64) -> TrainOptions {
+        TrainOptions {
+            epochs: self.epochs.unwrap_or(epochs),
+            batch_size: self.batch_size.unwrap_or(batch_size),
+            lr: self.lr.unwrap_or(lr),
+            seed: self.seed,
+            resume: self.resume,
+            max_steps_per_epoch: self.max_steps_per_epoch,
+            ..TrainOptions::new(&self.output)
+        }
+    }
+
+    fn load(&self, split: Split) -> Result<ImageDataset> {
+        let path = data::resolve_data_path(self.data.as_deref(), &self.dataset)?;
+        let options = LoadOptions {
+            split,
+            ..LoadOptions::default()
+        };
+        data::open(&path, &options)
+            .with_context(|| format!("cannot load the data in {}", path.display()))
+    }
+}
+
+#[derive(Args)]
+pub struct DiffusionArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// A UNet2DModel config.json to train instead of the default MNIST model.
+    #[arg(long)]
+    unet_config: Option<PathBuf>,
+    /// Ignore the labels: an unconditional model.
+    #[arg(long)]
+    unconditional: bool,
+    /// Probability of dropping a label during training (for classifier-free guidance).
+    #[arg(long, default_value_t = 0.1)]
+    cond_dropout: f64,
+    /// Decay of the EMA weights that are saved and sampled.
+    #[arg(long, default_value_t = 0.999)]
+    ema_decay: f64,
+    /// Default guidance scale written into the model's sampling.json.
+    #[arg(long, default_value_t = 2.0)]
+    guidance_scale: f64,
+}
+
+pub fn run(command: TrainCommand) -> Result<()> {
+    match command {
+        TrainCommand::Diffusion(args) => train_diffusion(args),
+    }
+}
+
+fn train_diffusion(args: DiffusionArgs) -> Result<()> {
+    let device = pick_device(args.common.device)?;
+    let data = args.common.load(Split::Train)?;
+    let class_names = if args.unconditional {
+        Vec::new()
+    } else {
+        data.class_names.clone().unwrap_or_default()
+    };
+    let config = match &args.unet_config {
+        Some(path) => ensueno::io::model_folder::read_json(path)?,
+        None => mnist_unet_config((!class_names.is_empty()).then_some(class_names.len())),
+    };
+    let recipe = DiffusionRecipe {
+        cond_dropout: args.cond_dropout,
+        ema_decay: args.ema_decay,
+        guidance_scale: args.guidance_scale,
+        class_names,
+        ..DiffusionRecipe::default()
+    };
+    let options = args.common.options(10, 128, 1e-3);
+    let mut task = DiffusionTask::new(config, recipe, options.lr, options.seed, &device)?;
+    eprintln!(
+        "training a {}-parameter UNet2DModel on {} ({} images)",
+        task.num_parameters(),
+        data.name,
+        data.len()
+    );
+    let summary = run_task(&mut task, &data, &options, &device)?;
+    report(&summary, &options.output);
+    Ok(())
+}
+
+/// Runs a task with a progress bar on stderr.
+pub fn run_task(
+    task: &mut dyn TrainTask,
+    data: &ImageDataset,
+    options: &TrainOptions,
+    device: &Device,
+) -> Result<TrainSummary> {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "epoch {prefix} [{bar:30}] {pos}/{len} {msg} {per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let mut epochs = options.epochs;
+    let mut smoothed: Option<f64> = None;
+    let started = Instant::now();
+    let summary = ensueno::train::train(task, data, options, device, &mut |event| match event {
+        TrainEvent::Started {
+            start_epoch,
+            epochs: e,
+            batches_per_epoch,
+            ..
+        } => {
+            epochs = *e;
+            bar.set_length(*batches_per_epoch as u64);
+            bar.set_prefix(format!("{}/{}", start_epoch + 1, e));
+        }
+        TrainEvent::Resumed { epoch, step, .. } => {
+            bar.suspend(|| eprintln!("resuming after epoch {epoch} (step {step})"));
+        }
+        TrainEvent::Step {
+            epoch,
+            batch,
+            names,
+            losses,
+            ..
+        } => {
+            let v = losses[0];
+            let s = smoothed.map_or(v, |s| 0.95 * s + 0.05 * v);
+            smoothed = Some(s);
+            bar.set_prefix(format!("{}/{}", epoch + 1, epochs));
+            bar.set_position(*batch as u64 + 1);
+            bar.set_message(format!("{} {:.4}", names[0], s));
+        }
+        TrainEvent::EpochEnd {
+            epoch,
+            names,
+            mean_losses,
+            seconds,
+        } => {
+            let parts: Vec<String> = names
+                .iter()
+                .zip(mean_losses.iter())
+                .map(|(n, v)| format!("{n} {v:.5}"))
+                .collect();
+            bar.suspend(|| {
+                eprintln!(
+                    "epoch {}/{}: {} ({:.1} s)",
+                    epoch + 1,
+                    epochs,
+                    parts.join(", "),
+                    seconds
+                )
+            });
+            bar.reset();
+        }
+        TrainEvent::Checkpoint { .. } => {}
+    });
+    bar.finish_and_clear();
+    let summary = summary?;
+    tracing::info!("trained in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(summary)
+}
+
+fn report(summary: &TrainSummary, output: &Path) {
+    if let Some(last) = summary.epoch_losses.last() {
+        let parts: Vec<String> = summary
+            .loss_names
+            .iter()
+            .zip(last)
+            .map(|(n, v)| format!("{n} {v:.5}"))
+            .collect();
+        eprintln!("final epoch: {}", parts.join(", "));
+    }
+    eprintln!(
+        "model: {} (curves: {}/loss.csv, loss.png)",
+        summary.model_dir.display(),
+        output.display()
+    );
+}

@@ -1,0 +1,9 @@
+//! Evaluation of generative models: an independent classifier for MNIST-like
+//! images (accuracy of conditional samples, features for a classifier FID)
+//! and the Fréchet distance between feature sets.
+
+pub mod fid;
+pub mod mnist_classifier;
+
+pub use fid::{frechet_distance, FeatureStats};
+pub use mnist_classifier::{accuracy, MnistClassifier};
