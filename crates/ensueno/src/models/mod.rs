@@ -8,6 +8,8 @@ pub mod autoencoder_tiny;
 pub mod clip_text_model;
 pub mod clip_tokenizer;
 mod config_defaults;
+pub mod conv_vae;
+pub mod dcgan;
 pub mod downsampling;
 pub mod embeddings;
 pub mod resnet;

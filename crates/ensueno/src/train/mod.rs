@@ -12,8 +12,10 @@ pub mod checkpoint;
 pub mod classifier;
 pub mod diffusion;
 pub mod ema;
+pub mod gan;
 pub mod params;
 pub mod runner;
+pub mod vae;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
