@@ -66,10 +66,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
             dir.display()
         );
     }
-    if names != classifier_classes {
+    if names.len() != classifier_classes.len() {
         bail!(
-            "the model's classes ({}) are not the classifier's ({})",
+            "the model has {} classes ({}) but the classifier {} ({})",
+            names.len(),
             names.join(", "),
+            classifier_classes.len(),
             classifier_classes.join(", ")
         );
     }

@@ -8,8 +8,12 @@ use candle_core::Device;
 use clap::{Args, Subcommand};
 use ensueno::data::{self, ImageDataset, LoadOptions, Split};
 use ensueno::eval::ClassifierConfig;
+use ensueno::models::conv_vae::ConvVAEConfig;
+use ensueno::models::dcgan::DCGANConfig;
 use ensueno::train::classifier::ClassifierTask;
 use ensueno::train::diffusion::{mnist_unet_config, DiffusionRecipe, DiffusionTask};
+use ensueno::train::gan::GanTask;
+use ensueno::train::vae::VaeTask;
 use ensueno::train::{TrainEvent, TrainOptions, TrainSummary, TrainTask};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -19,6 +23,10 @@ use crate::generate::{pick_device, DeviceArg};
 pub enum TrainCommand {
     /// Pixel-space DDPM with a UNet2DModel, class-conditional with classifier-free guidance.
     Diffusion(DiffusionArgs),
+    /// The Keras example's variational autoencoder (2-D latent) on MNIST-like images.
+    Vae(VaeArgs),
+    /// DCGAN, class-conditional unless --unconditional (non-saturating loss, Adam 2e-4, beta1 0.5).
+    Gan(GanArgs),
     /// The scoring classifier for `ensueno eval` (the shared MNIST classifier's architecture), e.g. for Fashion-MNIST.
     Classifier(ClassifierArgs),
 }
@@ -108,7 +116,86 @@ pub fn run(command: TrainCommand) -> Result<()> {
     match command {
         TrainCommand::Diffusion(args) => train_diffusion(args),
         TrainCommand::Classifier(args) => train_classifier(args),
+        TrainCommand::Vae(args) => train_vae(args),
+        TrainCommand::Gan(args) => train_gan(args),
     }
+}
+
+#[derive(Args)]
+pub struct VaeArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// A ConvVAE config.json instead of the Keras example's model.
+    #[arg(long)]
+    vae_config: Option<PathBuf>,
+    /// Train on the training split only (the Keras example trains on train + test).
+    #[arg(long)]
+    train_split_only: bool,
+}
+
+fn train_vae(args: VaeArgs) -> Result<()> {
+    let device = pick_device(args.common.device)?;
+    let train = args.common.load(Split::Train)?;
+    let test = args.common.load(Split::Test).ok();
+    let data = match (&test, args.train_split_only) {
+        (Some(t), false) => {
+            ImageDataset::concat(vec![train, t.subset(&(0..t.len()).collect::<Vec<_>>())])?
+        }
+        _ => train,
+    };
+    let config = match &args.vae_config {
+        Some(p) => ConvVAEConfig::from_file(p)?,
+        None => ConvVAEConfig::default(),
+    };
+    let options = args.common.options(30, 128, 1e-3);
+    let mut task = VaeTask::new(config, &options, test, &device)?;
+    eprintln!(
+        "training a {}-parameter ConvVAE on {} ({} images)",
+        task.num_parameters(),
+        data.name,
+        data.len()
+    );
+    let summary = run_task(&mut task, &data, &options, &device)?;
+    report(&summary, &options.output);
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct GanArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Ignore the labels.
+    #[arg(long)]
+    unconditional: bool,
+}
+
+fn train_gan(args: GanArgs) -> Result<()> {
+    let device = pick_device(args.common.device)?;
+    let data = args.common.load(Split::Train)?;
+    let config = DCGANConfig {
+        num_classes: if args.unconditional {
+            None
+        } else {
+            Some(
+                data.num_classes()
+                    .context("the data has no labels: pass --unconditional")?,
+            )
+        },
+        sample_size: data.height,
+        channels: data.channels,
+        ..DCGANConfig::default()
+    };
+    let options = args.common.options(10, 64, 2e-4);
+    let mut task = GanTask::new(config, &options, &device)?;
+    let (g, d) = task.num_parameters();
+    eprintln!(
+        "training a DCGAN ({g} + {d} parameters) on {} ({} images)",
+        data.name,
+        data.len()
+    );
+    let summary = run_task(&mut task, &data, &options, &device)?;
+    report(&summary, &options.output);
+    Ok(())
 }
 
 #[derive(Args)]

@@ -365,6 +365,23 @@ fn for_each_unit(n_units: usize, f: impl Fn(usize, usize, Parallelism) + Sync) {
     });
 }
 
+/// As [`for_each_unit`], but thread `tid` always gets the same contiguous
+/// range of units, run in order: for per-thread partial sums whose total
+/// must not depend on timing (exact training resume needs bit-identical
+/// gradients).
+fn for_each_unit_static(n_units: usize, f: impl Fn(usize, usize, Parallelism) + Sync) {
+    let threads = n_threads();
+    if threads == 1 || n_units < threads {
+        return for_each_unit(n_units, f);
+    }
+    candle_core::utils::barrier_pool().execute(|tid| {
+        let (lo, hi) = (tid * n_units / threads, (tid + 1) * n_units / threads);
+        for u in lo..hi {
+            f(tid, u, Parallelism::None);
+        }
+    });
+}
+
 /// Output columns `lo..hi` whose input column `ow * stride + off` lies in
 /// `0..w`.
 fn valid_cols(off: isize, stride: usize, w: usize, wo: usize) -> (usize, usize) {
@@ -670,7 +687,7 @@ fn conv_grad_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
         g.tile_rows(kdim)
     };
     let tiles = g.ho.div_ceil(rows);
-    for_each_unit(g.n * g.groups * tiles, |tid, u, par| {
+    for_each_unit_static(g.n * g.groups * tiles, |tid, u, par| {
         let (ng, t) = (u / tiles, u % tiles);
         let (ni, gi) = (ng / g.groups, ng % g.groups);
         let oh0 = t * rows;

@@ -3,16 +3,28 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::pixel_diffusion::{PixelDiffusionPipeline, PixelSampleRequest};
+use crate::io::model_folder::var_builder_from_files;
+use crate::models::conv_vae::{ConvVAE, ConvVAEConfig};
+use crate::models::dcgan::{DCGANConfig, DCGANGenerator};
 use crate::schedulers::SchedulerKind;
+use crate::utils::NoiseGenerator;
 use crate::{Error, Result};
 
 /// A generator trained by ensueno.
 pub enum TrainedModel {
     /// `DDPMPipeline` folder (`ensueno train diffusion`).
-    PixelDiffusion(PixelDiffusionPipeline),
+    PixelDiffusion(Box<PixelDiffusionPipeline>),
+    /// `ConvVAE` folder (`ensueno train vae`): decodes z ~ N(0, I).
+    Vae { model: ConvVAE, device: Device },
+    /// A DCGAN run's `generator/` folder (`ensueno train gan`).
+    Gan {
+        generator: DCGANGenerator,
+        class_names: Vec<String>,
+        device: Device,
+    },
 }
 
 /// Sampling settings that not every model uses.
@@ -35,16 +47,43 @@ impl TrainedModel {
     pub fn load(dir: &Path, device: &Device) -> Result<(Self, PathBuf)> {
         let dir = crate::train::resolve_trained_model(dir)?;
         let index = class_of(&dir.join("model_index.json"));
-        let config = class_of(&dir.join("config.json"));
+        let config = class_of(&dir.join("config.json"))
+            .or_else(|| class_of(&dir.join("generator").join("config.json")));
+        let weights = |d: &Path| -> Result<_> {
+            var_builder_from_files(&[d.join("model.safetensors")], DType::F32, device)
+        };
         let model = match (index.as_deref(), config.as_deref()) {
             (Some("DDPMPipeline"), _) => {
-                Self::PixelDiffusion(PixelDiffusionPipeline::load(&dir, device)?)
+                Self::PixelDiffusion(Box::new(PixelDiffusionPipeline::load(&dir, device)?))
+            }
+            (None, Some(ConvVAEConfig::CLASS_NAME)) => {
+                let config = ConvVAEConfig::from_file(&dir.join("config.json"))?;
+                Self::Vae {
+                    model: ConvVAE::new(weights(&dir)?, &config)?,
+                    device: device.clone(),
+                }
+            }
+            (None, Some(DCGANConfig::GENERATOR_CLASS_NAME)) => {
+                let g = if dir.join("generator").is_dir() {
+                    dir.join("generator")
+                } else {
+                    dir.clone()
+                };
+                let config = DCGANConfig::from_file(&g.join("config.json"))?;
+                let class_names = (0..config.num_classes.unwrap_or(0))
+                    .map(|c| c.to_string())
+                    .collect();
+                Self::Gan {
+                    generator: DCGANGenerator::new(weights(&g)?, &config)?,
+                    class_names,
+                    device: device.clone(),
+                }
             }
             (Some(other), _) | (None, Some(other)) => {
                 return Err(Error::UnknownName {
                     kind: "trained model class",
                     name: other.to_string(),
-                    expected: "DDPMPipeline".to_string(),
+                    expected: "DDPMPipeline, ConvVAE, DCGANGenerator".to_string(),
                 })
             }
             (None, None) => {
@@ -61,6 +100,8 @@ impl TrainedModel {
     pub fn class_names(&self) -> &[String] {
         match self {
             Self::PixelDiffusion(p) => &p.sampling.class_names,
+            Self::Vae { .. } => &[],
+            Self::Gan { class_names, .. } => class_names,
         }
     }
 
@@ -85,8 +126,68 @@ impl TrainedModel {
                 },
                 on_step,
             ),
+            Self::Vae { model, device } => {
+                if classes.is_some() {
+                    return Err(Error::invalid(
+                        "this VAE is unconditional: it takes no --class or --prompt",
+                    ));
+                }
+                check_n(n)?;
+                let z = NoiseGenerator::new(seed).randn(
+                    (n, model.config().latent_dim),
+                    DType::F32,
+                    device,
+                )?;
+                model.decode(&z)
+            }
+            Self::Gan {
+                generator,
+                class_names,
+                device,
+            } => {
+                let labels = match (classes, class_names.len()) {
+                    (Some(c), k) if k > 0 => {
+                        if let Some(bad) = c.iter().find(|&&l| l as usize >= k) {
+                            return Err(Error::invalid(format!(
+                                "--class {bad} is out of range: this model knows {k} classes (0..={})",
+                                k - 1
+                            )));
+                        }
+                        Some(Tensor::new(c, device)?)
+                    }
+                    (Some(_), _) => {
+                        return Err(Error::invalid(
+                            "this GAN is unconditional: it takes no --class or --prompt",
+                        ))
+                    }
+                    (None, k) if k > 0 => {
+                        return Err(Error::invalid(
+                            "this GAN is class-conditional: pass --class N or --prompt",
+                        ))
+                    }
+                    (None, _) => None,
+                };
+                let n = classes.map_or(n, |c| c.len());
+                check_n(n)?;
+                let z = NoiseGenerator::new(seed).randn(
+                    (n, generator.config().latent_dim),
+                    DType::F32,
+                    device,
+                )?;
+                let x = generator.forward(&z, labels.as_ref(), false)?;
+                Ok(((x.clamp(-1f32, 1f32)? + 1.)? * 0.5)?)
+            }
         }
     }
+}
+
+fn check_n(n: usize) -> Result<()> {
+    if n == 0 || n > 4096 {
+        return Err(Error::invalid(format!(
+            "the number of samples must be in 1..=4096, got {n}"
+        )));
+    }
+    Ok(())
 }
 
 const DIGIT_WORDS: [&str; 10] = [
