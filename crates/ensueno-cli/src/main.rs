@@ -2,6 +2,7 @@
 
 mod data;
 mod eval;
+mod export;
 mod generate;
 mod sample;
 mod train;
@@ -35,6 +36,8 @@ enum Command {
     Sample(sample::SampleArgs),
     /// Score a class-conditional model: classifier accuracy and classifier-FID against real data.
     Eval(eval::EvalArgs),
+    /// Copy a trained model folder, converting its weights (e.g. --dtype f16).
+    Export(export::ExportArgs),
     /// Datasets: `ensueno data fetch mnist|fashion-mnist`.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
         Command::Sample(args) => sample::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Data(command) => data::run(command),
+        Command::Export(args) => export::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -398,6 +398,7 @@ fn diffusion_trains_resumes_and_samples() -> anyhow::Result<()> {
         steps: Some(3),
         guidance_scale: None,
         scheduler: None,
+        initial_noise: None,
     };
     let images = pipe.generate(&req(vec![0, 1, 1]), &mut |_, _| Ok(()))?;
     assert_eq!(images.dims(), &[3, 1, 8, 8]);

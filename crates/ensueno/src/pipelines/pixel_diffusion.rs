@@ -68,6 +68,9 @@ pub struct PixelSampleRequest {
     pub steps: Option<usize>,
     pub guidance_scale: Option<f64>,
     pub scheduler: Option<SchedulerKind>,
+    /// Start from this noise (N, C, H, W) instead of seeded N(0, 1) draws
+    /// (to reproduce another implementation's run exactly).
+    pub initial_noise: Option<Tensor>,
 }
 
 impl PixelDiffusionPipeline {
@@ -180,7 +183,20 @@ impl PixelDiffusionPipeline {
         let size = config.sample_hw().unwrap_or((28, 28));
         let shape = (n, config.in_channels, size.0, size.1);
         let mut rng = NoiseGenerator::new(request.seed);
-        let mut x = (rng.randn(shape, DType::F32, &self.device)? * scheduler.init_noise_sigma())?;
+        let noise = match &request.initial_noise {
+            Some(t) if t.dims() == [shape.0, shape.1, shape.2, shape.3] => {
+                t.to_dtype(DType::F32)?.to_device(&self.device)?
+            }
+            Some(t) => {
+                return Err(Error::Shape {
+                    what: "initial noise".to_string(),
+                    expected: format!("{:?}", [shape.0, shape.1, shape.2, shape.3]),
+                    got: format!("{:?}", t.dims()),
+                })
+            }
+            None => rng.randn(shape, DType::F32, &self.device)?,
+        };
+        let mut x = (noise * scheduler.init_noise_sigma())?;
         let guided = guidance != 1.0 && labels.is_some() && self.sampling.null_class.is_some();
         let label_tensor = match &labels {
             Some(l) if guided => {

@@ -123,6 +123,7 @@ impl TrainedModel {
                     steps: settings.steps,
                     guidance_scale: settings.guidance_scale,
                     scheduler: settings.scheduler,
+                    initial_noise: None,
                 },
                 on_step,
             ),

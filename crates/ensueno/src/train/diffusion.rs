@@ -342,6 +342,7 @@ impl TrainTask for DiffusionTask {
                 steps: None,
                 guidance_scale: None,
                 scheduler: None,
+                initial_noise: None,
             },
             &mut |_, _| Ok(()),
         )?;

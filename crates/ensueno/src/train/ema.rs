@@ -31,7 +31,9 @@ impl Ema {
         let shadow = params
             .tensors()
             .into_iter()
-            .map(|(k, t)| Ok((k, t.copy()?)))
+            // Detached: a copy of a variable would record the op, and every
+            // update would then extend a graph that holds all past shadows.
+            .map(|(k, t)| Ok((k, t.detach().copy()?.detach())))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             decay,
@@ -60,7 +62,7 @@ impl Ema {
                 )));
             }
             // s = d * s + (1 - d) * p, as one fused affine pair.
-            *s = ((&*s * d)? + (p.detach() * (1. - d))?)?;
+            *s = ((&*s * d)? + (p.detach() * (1. - d))?)?.detach();
         }
         self.updates += 1;
         Ok(())
@@ -105,7 +107,7 @@ impl Ema {
                     got: format!("{:?}", t.dims()),
                 });
             }
-            loaded.push(t.to_dtype(s.dtype())?.to_device(s.device())?);
+            loaded.push(t.to_dtype(s.dtype())?.to_device(s.device())?.detach());
         }
         let updates = state
             .get(&format!("{prefix}__updates"))
@@ -116,6 +118,29 @@ impl Ema {
         for ((_, s), t) in self.shadow.iter_mut().zip(loaded) {
             *s = t;
         }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn shadows_hold_no_graph_and_follow_the_decay() -> Result<()> {
+        let store = ParamStore::new(0);
+        let vb = store.var_builder(DType::F32, &Device::Cpu);
+        vb.get_with_hints(3, "w", candle_nn::Init::Const(1.))?;
+        let mut ema = Ema::new(&store, 0.5)?;
+        store.vars()[0].1.set(&Tensor::new(&[3f32, 3., 3.], &Device::Cpu)?)?;
+        // First update: decay min(0.5, 2/11) = 2/11.
+        ema.update(&store)?;
+        let d = 2. / 11.;
+        let v = ema.tensors()[0].1.to_vec1::<f32>()?;
+        assert!((v[0] as f64 - (d + 3. * (1. - d))).abs() < 1e-6);
+        // A graph would keep every past shadow alive (and leak memory).
+        assert!(!ema.tensors()[0].1.track_op());
         Ok(())
     }
 }
