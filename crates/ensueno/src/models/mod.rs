@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod autoencoder_kl;
 pub mod autoencoder_tiny;
+pub mod bert;
 pub mod clip_text_model;
 pub mod clip_tokenizer;
 mod config_defaults;
@@ -13,6 +14,7 @@ pub mod dcgan;
 pub mod downsampling;
 pub mod embeddings;
 pub mod resnet;
+pub mod sentence_encoder;
 pub mod transformer_2d;
 pub mod unet_2d;
 pub mod unet_2d_blocks;
