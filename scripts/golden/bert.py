@@ -87,6 +87,12 @@ TINY_SENTENCES = [
 ]
 
 
+def single_key_metadata(meta):
+    # safetensors writes metadata keys in hash order; one key keeps the
+    # fixture bytes identical from run to run.
+    return {"reference": json.dumps(meta, sort_keys=True)}
+
+
 def mean_pool_normalize(hidden, mask):
     m = mask.unsqueeze(-1).to(hidden.dtype)
     summed = (hidden * m).sum(1)
@@ -222,9 +228,8 @@ def tiny():
         "sentences_hidden": h_sent.float().contiguous(),
         "sentences_vectors": vectors.float().contiguous(),
     }
-    meta = dict(VERSIONS)
-    meta["sentences"] = json.dumps(TINY_SENTENCES)
-    save_file(tensors, os.path.join(out, "io.safetensors"), metadata=meta)
+    meta = dict(VERSIONS, sentences=TINY_SENTENCES)
+    save_file(tensors, os.path.join(out, "io.safetensors"), metadata=single_key_metadata(meta))
     print(f"wrote {out}: {sorted(os.listdir(out))}")
 
 
@@ -268,11 +273,9 @@ def minilm():
         "hidden_tail": h[:, t - 4 :].float().contiguous(),
         "vectors": vectors.float().contiguous(),
     }
-    meta = dict(VERSIONS)
-    meta["sentences"] = json.dumps(MINILM_SENTENCES)
-    meta["max_seq_length"] = str(max_seq_length)
+    meta = dict(VERSIONS, sentences=MINILM_SENTENCES, max_seq_length=max_seq_length)
     path = os.path.join(FIX, "minilm.safetensors")
-    save_file(tensors, path, metadata=meta)
+    save_file(tensors, path, metadata=single_key_metadata(meta))
     print(f"wrote {path} ({os.path.getsize(path)} bytes)")
 
 

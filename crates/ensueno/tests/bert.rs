@@ -148,10 +148,7 @@ fn tiny_sentence_encoder_matches_reference() {
     assert_eq!(enc.pooling(), Pooling::Mean);
     assert_eq!(enc.hidden_size(), 32);
     let io = tiny_io();
-    let sentences: Vec<String> = {
-        let (_, meta) = read_metadata(&tiny_dir().join("io.safetensors"));
-        serde_json::from_str(&meta["sentences"]).unwrap()
-    };
+    let sentences = sentences(&read_metadata(&tiny_dir().join("io.safetensors")));
     let texts: Vec<&str> = sentences.iter().map(String::as_str).collect();
     let (ids, mask) = enc.tokenize(&texts).unwrap();
     assert_eq!(ids_u32(&ids), ids_u32(&io["sentences_input_ids"]));
@@ -327,11 +324,16 @@ fn missing_folder_and_files_name_the_path() {
     assert!(enc.encode(&[]).is_err());
 }
 
-fn read_metadata(path: &Path) -> (Vec<u8>, HashMap<String, String>) {
+/// The script's `reference` metadata entry: versions, sentences, settings.
+fn read_metadata(path: &Path) -> serde_json::Value {
     let bytes = std::fs::read(path).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let meta = meta.metadata().clone().unwrap_or_default();
-    (bytes, meta)
+    serde_json::from_str(&meta["reference"]).unwrap()
+}
+
+fn sentences(meta: &serde_json::Value) -> Vec<String> {
+    serde_json::from_value(meta["sentences"].clone()).unwrap()
 }
 
 fn cos(v: &[Vec<f32>], a: usize, b: usize) -> f32 {
@@ -351,13 +353,16 @@ fn minilm_matches_transformers() {
     };
     let dir = PathBuf::from(shared).join("weights/all-MiniLM-L6-v2");
     let path = fixtures().join("minilm.safetensors");
-    let (_, meta) = read_metadata(&path);
-    let sentences: Vec<String> = serde_json::from_str(&meta["sentences"]).unwrap();
+    let meta = read_metadata(&path);
+    let sentences = sentences(&meta);
     let texts: Vec<&str> = sentences.iter().map(String::as_str).collect();
     let io = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
 
     let enc = SentenceEncoder::from_folder(&dir, &Device::Cpu).unwrap();
-    assert_eq!(enc.max_length().to_string(), meta["max_seq_length"]);
+    assert_eq!(
+        Some(enc.max_length() as u64),
+        meta["max_seq_length"].as_u64()
+    );
     assert!(enc.normalize());
     assert_eq!(enc.hidden_size(), 384);
 
