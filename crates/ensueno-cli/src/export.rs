@@ -39,7 +39,11 @@ fn copy_tree(src: &Path, dst: &Path, dtype: DType) -> Result<()> {
             let mut named: Vec<(String, candle_core::Tensor)> = tensors
                 .into_iter()
                 .map(|(k, t)| {
-                    let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t };
+                    let t = if t.dtype().is_float() {
+                        t.to_dtype(dtype)?
+                    } else {
+                        t
+                    };
                     Ok((k, t))
                 })
                 .collect::<Result<_>>()?;
@@ -55,7 +59,10 @@ fn copy_tree(src: &Path, dst: &Path, dtype: DType) -> Result<()> {
 pub fn run(args: ExportArgs) -> Result<()> {
     let src = ensueno::train::resolve_trained_model(&args.model)?;
     if args.output.exists() {
-        bail!("{} already exists: choose a new --output", args.output.display());
+        bail!(
+            "{} already exists: choose a new --output",
+            args.output.display()
+        );
     }
     let dtype = match args.dtype {
         WeightDType::F32 => DType::F32,

@@ -133,7 +133,9 @@ mod tests {
         let vb = store.var_builder(DType::F32, &Device::Cpu);
         vb.get_with_hints(3, "w", candle_nn::Init::Const(1.))?;
         let mut ema = Ema::new(&store, 0.5)?;
-        store.vars()[0].1.set(&Tensor::new(&[3f32, 3., 3.], &Device::Cpu)?)?;
+        store.vars()[0]
+            .1
+            .set(&Tensor::new(&[3f32, 3., 3.], &Device::Cpu)?)?;
         // First update: decay min(0.5, 2/11) = 2/11.
         ema.update(&store)?;
         let d = 2. / 11.;
