@@ -9,8 +9,8 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use super::mnist_classifier::{MnistClassifier, MNIST_MEAN, MNIST_STD};
-use crate::io::atomic::write_atomic;
-use crate::{Error, Result};
+use crate::io::atomic::write_json;
+use crate::Result;
 
 pub const CLASSIFIER_WEIGHTS: &str = "model.safetensors";
 
@@ -40,13 +40,7 @@ impl ClassifierConfig {
     }
 
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let path = dir.join("config.json");
-        let text = serde_json::to_string_pretty(self)
-            .map_err(|e| Error::invalid(format!("cannot serialise {}: {e}", path.display())))?;
-        write_atomic(&path, |w| {
-            w.write_all(text.as_bytes())
-                .map_err(|e| Error::io(&path, e))
-        })
+        write_json(&dir.join("config.json"), self)
     }
 }
 

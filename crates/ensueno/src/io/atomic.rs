@@ -45,6 +45,15 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()
     Ok(())
 }
 
+/// Writes `value` as pretty JSON, atomically.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::invalid(format!("cannot serialise {}: {e}", path.display())))?;
+    write_atomic(path, |w| {
+        w.write_all(text.as_bytes()).map_err(|e| Error::io(path, e))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

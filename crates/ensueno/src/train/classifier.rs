@@ -98,12 +98,7 @@ impl TrainTask for ClassifierTask {
     }
 
     fn training_state(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out: Vec<(String, Tensor)> = self
-            .params
-            .tensors()
-            .into_iter()
-            .map(|(k, t)| (format!("model.{k}"), t))
-            .collect();
+        let mut out = self.params.state("model.");
         out.extend(prefixed("optimizer.", self.opt.state()?));
         Ok(out)
     }

@@ -18,7 +18,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::{prefixed, strip_prefix, Batch, Ema, EpochContext, ParamStore, StepContext, TrainTask};
-use crate::io::atomic::write_atomic;
+use crate::io::atomic::write_json;
 use crate::models::unet_2d::{UNet2DConfig, UNet2DModel};
 use crate::ops::adamw::AdamW;
 use crate::pipelines::pixel_diffusion::{
@@ -220,14 +220,6 @@ impl DiffusionTask {
     }
 }
 
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value)
-        .map_err(|e| Error::invalid(format!("cannot serialise {}: {e}", path.display())))?;
-    write_atomic(path, |w| {
-        w.write_all(text.as_bytes()).map_err(|e| Error::io(path, e))
-    })
-}
-
 /// Adds diffusers' `_class_name` / `_diffusers_version` to a config.
 /// Null keys are dropped: diffusers would pass them to constructors as
 /// `None` instead of using its defaults.
@@ -241,10 +233,6 @@ fn with_class(value: serde_json::Value, class: &str) -> serde_json::Value {
     value
 }
 
-fn to_json<T: Serialize>(v: &T) -> Result<serde_json::Value> {
-    serde_json::to_value(v).map_err(|e| Error::invalid(format!("cannot serialise a config: {e}")))
-}
-
 impl TrainTask for DiffusionTask {
     fn kind(&self) -> &str {
         "diffusion"
@@ -255,10 +243,7 @@ impl TrainTask for DiffusionTask {
     }
 
     fn config(&self) -> serde_json::Value {
-        serde_json::json!({
-            "unet": to_json(&self.config).unwrap_or_default(),
-            "recipe": to_json(&self.recipe).unwrap_or_default(),
-        })
+        super::model_and_recipe("unet", &self.config, &self.recipe)
     }
 
     fn train_step(&mut self, batch: &Batch, ctx: &StepContext) -> Result<Vec<f64>> {
@@ -374,7 +359,7 @@ impl TrainTask for DiffusionTask {
         }
         write_json(
             &unet.join("config.json"),
-            &with_class(to_json(&self.config)?, "UNet2DModel"),
+            &with_class(super::to_json(&self.config)?, "UNet2DModel"),
         )?;
         crate::io::weights::save_safetensors(
             &unet.join("diffusion_pytorch_model.safetensors"),
@@ -383,18 +368,16 @@ impl TrainTask for DiffusionTask {
         )?;
         write_json(
             &sched.join("scheduler_config.json"),
-            &with_class(to_json(&self.scheduler_config())?, "DDPMScheduler"),
+            &with_class(super::to_json(&self.scheduler_config())?, "DDPMScheduler"),
         )?;
-        write_json(&dir.join(SAMPLING_JSON), &to_json(&self.sampling_config())?)
+        write_json(
+            &dir.join(SAMPLING_JSON),
+            &super::to_json(&self.sampling_config())?,
+        )
     }
 
     fn training_state(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out: Vec<(String, Tensor)> = self
-            .params
-            .tensors()
-            .into_iter()
-            .map(|(k, t)| (format!("model.{k}"), t))
-            .collect();
+        let mut out = self.params.state("model.");
         out.extend(self.ema.state("ema.")?);
         out.extend(prefixed("optimizer.", self.opt.state()?));
         Ok(out)

@@ -231,10 +231,6 @@ fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
-fn to_json<T: Serialize>(v: &T) -> Result<serde_json::Value> {
-    serde_json::to_value(v).map_err(|e| Error::invalid(format!("cannot serialise a config: {e}")))
-}
-
 impl TrainTask for GanTask {
     fn kind(&self) -> &str {
         "gan"
@@ -247,10 +243,7 @@ impl TrainTask for GanTask {
     }
 
     fn config(&self) -> serde_json::Value {
-        serde_json::json!({
-            "model": to_json(&self.config).unwrap_or_default(),
-            "recipe": to_json(&self.recipe).unwrap_or_default(),
-        })
+        super::model_and_recipe("model", &self.config, &self.recipe)
     }
 
     fn train_step(&mut self, batch: &Batch, ctx: &StepContext) -> Result<Vec<f64>> {
@@ -330,12 +323,7 @@ impl TrainTask for GanTask {
     }
 
     fn training_state(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out: Vec<(String, Tensor)> = self
-            .params
-            .tensors()
-            .into_iter()
-            .map(|(k, t)| (format!("model.{k}"), t))
-            .collect();
+        let mut out = self.params.state("model.");
         out.extend(prefixed("optimizer_g.", self.opt_g.state()?));
         out.extend(prefixed("optimizer_d.", self.opt_d.state()?));
         Ok(out)

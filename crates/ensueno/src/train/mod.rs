@@ -151,6 +151,24 @@ pub trait TrainTask {
     fn load_training_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()>;
 }
 
+/// Serialises a config for [`TrainTask::config`] and `config.json` files.
+pub fn to_json<T: serde::Serialize>(v: &T) -> Result<serde_json::Value> {
+    serde_json::to_value(v)
+        .map_err(|e| crate::Error::invalid(format!("cannot serialise a config: {e}")))
+}
+
+/// The usual [`TrainTask::config`]: the model's config and the recipe's.
+pub fn model_and_recipe<M: serde::Serialize, R: serde::Serialize>(
+    model_key: &str,
+    model: &M,
+    recipe: &R,
+) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    map.insert(model_key.to_string(), to_json(model).unwrap_or_default());
+    map.insert("recipe".to_string(), to_json(recipe).unwrap_or_default());
+    serde_json::Value::Object(map)
+}
+
 /// Prefixes every name of an optimiser state (`{i}.exp_avg`, `step`...).
 pub fn prefixed(prefix: &str, state: HashMap<String, Tensor>) -> Vec<(String, Tensor)> {
     let mut v: Vec<_> = state

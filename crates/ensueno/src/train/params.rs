@@ -135,6 +135,14 @@ impl ParamStore {
             .collect()
     }
 
+    /// The values under `prefix` (for a checkpoint's training state).
+    pub fn state(&self, prefix: &str) -> Vec<(String, Tensor)> {
+        self.tensors()
+            .into_iter()
+            .map(|(k, t)| (format!("{prefix}{k}"), t))
+            .collect()
+    }
+
     /// Number of scalar parameters.
     pub fn num_parameters(&self) -> usize {
         self.lock().values().map(|v| v.elem_count()).sum()

@@ -161,10 +161,6 @@ fn check_dataset(config: &ConvVAEConfig, data: &ImageDataset) -> Result<()> {
     Ok(())
 }
 
-fn to_json<T: Serialize>(v: &T) -> Result<serde_json::Value> {
-    serde_json::to_value(v).map_err(|e| Error::invalid(format!("cannot serialise a config: {e}")))
-}
-
 impl TrainTask for VaeTask {
     fn kind(&self) -> &str {
         "vae"
@@ -177,10 +173,7 @@ impl TrainTask for VaeTask {
     }
 
     fn config(&self) -> serde_json::Value {
-        serde_json::json!({
-            "model": to_json(&self.config).unwrap_or_default(),
-            "recipe": to_json(&self.recipe).unwrap_or_default(),
-        })
+        super::model_and_recipe("model", &self.config, &self.recipe)
     }
 
     fn train_step(&mut self, batch: &Batch, ctx: &StepContext) -> Result<Vec<f64>> {
@@ -242,12 +235,7 @@ impl TrainTask for VaeTask {
     }
 
     fn training_state(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out: Vec<(String, Tensor)> = self
-            .params
-            .tensors()
-            .into_iter()
-            .map(|(k, t)| (format!("model.{k}"), t))
-            .collect();
+        let mut out = self.params.state("model.");
         out.extend(prefixed("optimizer.", self.opt.state()?));
         Ok(out)
     }
