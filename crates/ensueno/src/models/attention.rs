@@ -20,6 +20,50 @@ use crate::ops::group_norm::GroupNorm;
 use crate::models::resnet::group_norm;
 use crate::{Error, Result};
 
+/// Multi-head attention of the text encoders (CLIP, BERT) over already
+/// projected queries, keys and values, with an optional additive mask
+/// (causal `[T, T]` or padding `[B, 1, 1, T]`, f32, broadcast to the scores).
+///
+/// Scores, mask and softmax are computed in f32: a half-precision softmax
+/// over a prompt's tokens loses enough to show in the image, and padding
+/// biases such as `f32::MIN` do not fit in f16.
+///
+/// # Shapes
+/// `q`, `k`, `v` `[B, T, C]` with `C = num_heads * head_dim` -> `[B, T, C]`
+pub fn text_self_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    num_heads: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, t, c) = q.dims3()?;
+    if num_heads == 0 || c % num_heads != 0 {
+        return Err(Error::invalid(format!(
+            "attention: width {c} is not divisible by {num_heads} heads"
+        )));
+    }
+    let head_dim = c / num_heads;
+    let split = |x: &Tensor| -> Result<Tensor> {
+        Ok(x.reshape((b, t, num_heads, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    };
+    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+    let scale = (head_dim as f64).powf(-0.5);
+    let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+    Ok(probs
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, t, c))?)
+}
+
 /// Upper bound on the elements of one block of attention scores. Larger
 /// problems are cut along batch x heads so that SD 1.5 at 512x512 (4096
 /// tokens) does not materialise a multi-gigabyte score tensor at once.

@@ -243,7 +243,6 @@ pub struct BertSelfAttention {
     key: Linear,
     value: Linear,
     num_heads: usize,
-    head_dim: usize,
 }
 
 impl BertSelfAttention {
@@ -254,7 +253,6 @@ impl BertSelfAttention {
             key: linear(h, h, vb.pp("key"))?,
             value: linear(h, h, vb.pp("value"))?,
             num_heads: config.num_attention_heads,
-            head_dim: h / config.num_attention_heads,
         })
     }
 
@@ -262,30 +260,13 @@ impl BertSelfAttention {
     /// `xs` [B, T, hidden], `mask_bias` additive f32 [B, 1, 1, T] (0 for
     /// kept keys, a large negative number for padding) -> [B, T, hidden]
     pub fn forward(&self, xs: &Tensor, mask_bias: Option<&Tensor>) -> Result<Tensor> {
-        let (b, t, c) = xs.dims3()?;
-        let split = |x: Tensor| -> Result<Tensor> {
-            Ok(x.reshape((b, t, self.num_heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = split(self.query.forward(xs)?)?;
-        let k = split(self.key.forward(xs)?)?;
-        let v = split(self.value.forward(xs)?)?;
-        let scale = (self.head_dim as f64).powf(-0.5);
-        // Scores, mask and softmax in f32: the mask bias is f32::MIN, which
-        // half precision cannot hold. The masked fast attention op in
-        // `ops::attention` has no mask input, and T <= 512 keeps this cheap.
-        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-        let scores = match mask_bias {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        Ok(probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, t, c))?)
+        super::attention::text_self_attention(
+            &self.query.forward(xs)?,
+            &self.key.forward(xs)?,
+            &self.value.forward(xs)?,
+            self.num_heads,
+            mask_bias,
+        )
     }
 }
 

@@ -228,7 +228,6 @@ pub struct CLIPAttention {
     v_proj: Linear,
     out_proj: Linear,
     num_heads: usize,
-    head_dim: usize,
 }
 
 impl CLIPAttention {
@@ -240,36 +239,19 @@ impl CLIPAttention {
             v_proj: linear(h, h, vb.pp("v_proj"))?,
             out_proj: linear(h, h, vb.pp("out_proj"))?,
             num_heads: config.num_attention_heads,
-            head_dim: h / config.num_attention_heads,
         })
     }
 
     /// # Shapes
     /// `xs` [B, T, hidden], `mask` additive f32 [T, T] -> [B, T, hidden]
     pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (b, t, c) = xs.dims3()?;
-        let split = |x: Tensor| -> Result<Tensor> {
-            Ok(x.reshape((b, t, self.num_heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = split(self.q_proj.forward(xs)?)?;
-        let k = split(self.k_proj.forward(xs)?)?;
-        let v = split(self.v_proj.forward(xs)?)?;
-        let scale = (self.head_dim as f64).powf(-0.5);
-        // Scores and softmax in f32: half-precision softmax over 77 tokens
-        // loses enough to show in the image.
-        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let out = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, t, c))?;
+        let out = super::attention::text_self_attention(
+            &self.q_proj.forward(xs)?,
+            &self.k_proj.forward(xs)?,
+            &self.v_proj.forward(xs)?,
+            self.num_heads,
+            mask,
+        )?;
         Ok(self.out_proj.forward(&out)?)
     }
 }
