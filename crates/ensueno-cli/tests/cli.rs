@@ -3,39 +3,12 @@
 //! one-line error and a non-zero exit, never a panic.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use common::{assert_clean_failure, ensueno, stderr};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../ensueno/tests/fixtures/pipeline")
-}
-
-fn ensueno(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ensueno"))
-        .args(args)
-        .env_remove("ENSUENO_MODEL")
-        .env("HF_HUB_OFFLINE", "1")
-        .env(
-            "HF_HOME",
-            std::env::temp_dir().join("ensueno-test-empty-hf-home"),
-        )
-        .output()
-        .expect("run ensueno")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A failure: non-zero exit, an `error:` line, no panic.
-fn assert_clean_failure(o: &Output, needle: &str) {
-    let err = stderr(o);
-    assert!(!o.status.success(), "expected failure, stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("error:"))
-        .unwrap_or_else(|| panic!("no error line in: {err}"));
-    assert!(line.contains(needle), "'{line}' should mention '{needle}'");
 }
 
 #[test]

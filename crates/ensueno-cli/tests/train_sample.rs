@@ -3,38 +3,12 @@
 //! exit, nothing lost.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use common::{assert_clean_failure, ensueno, stderr};
 
 fn idx_fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../ensueno/tests/fixtures/data/idx")
-}
-
-fn ensueno(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ensueno"))
-        .args(args)
-        .env_remove("ENSUENO_DATA")
-        .env_remove("ENSUENO_CLASSIFIER")
-        .env(
-            "XDG_CACHE_HOME",
-            std::env::temp_dir().join("ensueno-test-empty-cache"),
-        )
-        .output()
-        .expect("run ensueno")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn assert_clean_failure(o: &Output, needle: &str) {
-    let err = stderr(o);
-    assert!(!o.status.success(), "expected failure, stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("error:"))
-        .unwrap_or_else(|| panic!("no error line in: {err}"));
-    assert!(line.contains(needle), "'{line}' should mention '{needle}'");
 }
 
 fn s(p: &Path) -> &str {
