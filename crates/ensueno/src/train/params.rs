@@ -56,12 +56,12 @@ pub(crate) fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-fn init_values(init: Init, shape: &Shape, rng: &mut ChaCha8Rng) -> Vec<f32> {
+fn init_values(init: Init, shape: &Shape, rng: &mut ChaCha8Rng) -> candle_core::Result<Vec<f32>> {
     let n = shape.elem_count();
-    let uniform = |rng: &mut ChaCha8Rng, lo: f64, up: f64| -> Vec<f32> {
+    let uniform = |rng: &mut ChaCha8Rng, lo: f64, up: f64| -> candle_core::Result<Vec<f32>> {
         let d = rand_distr::Uniform::new(lo, up.max(lo + f64::MIN_POSITIVE))
-            .expect("bounds are ordered");
-        (0..n).map(|_| d.sample(rng) as f32).collect()
+            .map_err(|e| candle_core::Error::Msg(format!("bad uniform init [{lo}, {up}): {e}")))?;
+        Ok((0..n).map(|_| d.sample(rng) as f32).collect())
     };
     let normal = |rng: &mut ChaCha8Rng, mean: f64, std: f64| -> Vec<f32> {
         (0..n)
@@ -71,9 +71,9 @@ fn init_values(init: Init, shape: &Shape, rng: &mut ChaCha8Rng) -> Vec<f32> {
             })
             .collect()
     };
-    match init {
+    Ok(match init {
         Init::Const(v) => vec![v as f32; n],
-        Init::Uniform { lo, up } => uniform(rng, lo, up),
+        Init::Uniform { lo, up } => uniform(rng, lo, up)?,
         Init::Randn { mean, stdev } => normal(rng, mean, stdev),
         Init::Kaiming {
             dist,
@@ -85,12 +85,12 @@ fn init_values(init: Init, shape: &Shape, rng: &mut ChaCha8Rng) -> Vec<f32> {
             match dist {
                 candle_nn::init::NormalOrUniform::Uniform => {
                     let bound = 3f64.sqrt() * std;
-                    uniform(rng, -bound, bound)
+                    uniform(rng, -bound, bound)?
                 }
                 candle_nn::init::NormalOrUniform::Normal => normal(rng, 0., std),
             }
         }
-    }
+    })
 }
 
 impl ParamStore {
@@ -205,7 +205,7 @@ impl SimpleBackend for ParamStore {
             return Ok(v.as_tensor().clone());
         }
         let mut rng = ChaCha8Rng::seed_from_u64(stream_seed(self.seed, name));
-        let values = init_values(h, &s, &mut rng);
+        let values = init_values(h, &s, &mut rng)?;
         let t = Tensor::from_vec(values, s, &Device::Cpu)?
             .to_dtype(dtype)?
             .to_device(dev)?;
