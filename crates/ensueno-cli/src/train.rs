@@ -149,15 +149,13 @@ fn train_vae(args: VaeArgs) -> Result<()> {
     };
     let options = args.common.options(30, 128, 1e-3);
     let mut task = VaeTask::new(config, &options, test, &device)?;
-    eprintln!(
+    let what = format!(
         "training a {}-parameter ConvVAE on {} ({} images)",
         task.num_parameters(),
         data.name,
         data.len()
     );
-    let summary = run_task(&mut task, &data, &options, &device)?;
-    report(&summary, &options.output);
-    Ok(())
+    train_and_report(&mut task, &what, &data, &options, &device)
 }
 
 #[derive(Args)]
@@ -188,14 +186,12 @@ fn train_gan(args: GanArgs) -> Result<()> {
     let options = args.common.options(10, 64, 2e-4);
     let mut task = GanTask::new(config, &options, &device)?;
     let (g, d) = task.num_parameters();
-    eprintln!(
+    let what = format!(
         "training a DCGAN ({g} + {d} parameters) on {} ({} images)",
         data.name,
         data.len()
     );
-    let summary = run_task(&mut task, &data, &options, &device)?;
-    report(&summary, &options.output);
-    Ok(())
+    train_and_report(&mut task, &what, &data, &options, &device)
 }
 
 #[derive(Args)]
@@ -264,13 +260,26 @@ fn train_diffusion(args: DiffusionArgs) -> Result<()> {
     };
     let options = args.common.options(10, 128, 1e-3);
     let mut task = DiffusionTask::new(config, recipe, options.lr, options.seed, &device)?;
-    eprintln!(
+    let what = format!(
         "training a {}-parameter UNet2DModel on {} ({} images)",
         task.num_parameters(),
         data.name,
         data.len()
     );
-    let summary = run_task(&mut task, &data, &options, &device)?;
+    train_and_report(&mut task, &what, &data, &options, &device)
+}
+
+/// Says what is trained, trains it, and prints the final losses and where
+/// the model is.
+fn train_and_report(
+    task: &mut dyn TrainTask,
+    what: &str,
+    data: &ImageDataset,
+    options: &TrainOptions,
+    device: &Device,
+) -> Result<()> {
+    eprintln!("{what}");
+    let summary = run_task(task, data, options, device)?;
     report(&summary, &options.output);
     Ok(())
 }

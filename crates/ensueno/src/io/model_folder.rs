@@ -266,6 +266,20 @@ pub fn var_builder_from_files(
 }
 
 /// Reads and deserializes a JSON file.
+/// Reads a `config.json` and runs its `validate`; a failed check becomes
+/// [`Error::Config`] naming the file.
+pub fn read_validated<T: DeserializeOwned>(
+    path: &Path,
+    validate: impl FnOnce(&T) -> Result<()>,
+) -> Result<T> {
+    let config: T = read_json(path)?;
+    validate(&config).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    Ok(config)
+}
+
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::Config {

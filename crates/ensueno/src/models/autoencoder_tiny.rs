@@ -186,12 +186,7 @@ impl Default for AutoencoderTinyConfig {
 impl AutoencoderTinyConfig {
     /// Reads and checks a diffusers `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let config: Self = crate::io::model_folder::read_json(path)?;
-        config.validate().map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        Ok(config)
+        crate::io::model_folder::read_validated(path, Self::validate)
     }
 
     /// Checks what diffusers checks, plus sizes that would fail later.

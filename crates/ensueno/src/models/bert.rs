@@ -108,12 +108,7 @@ impl Default for BertConfig {
 impl BertConfig {
     /// Reads and checks a transformers `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let config: Self = crate::io::model_folder::read_json(path)?;
-        config.validate().map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        Ok(config)
+        crate::io::model_folder::read_validated(path, Self::validate)
     }
 
     /// Checks that the sizes are usable and the variant is one we implement.
@@ -127,11 +122,7 @@ impl BertConfig {
             ("max_position_embeddings", self.max_position_embeddings),
             ("type_vocab_size", self.type_vocab_size),
         ];
-        for (name, value) in sizes {
-            if value == 0 {
-                return Err(Error::invalid(format!("BERT config: {name} must be > 0")));
-            }
-        }
+        super::config_defaults::check_positive("BERT", &sizes)?;
         if self.hidden_size % self.num_attention_heads != 0 {
             return Err(Error::invalid(format!(
                 "BERT config: hidden_size {} is not divisible by num_attention_heads {}",

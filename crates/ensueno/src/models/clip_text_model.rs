@@ -145,12 +145,7 @@ impl Default for CLIPTextConfig {
 impl CLIPTextConfig {
     /// Reads and checks a transformers `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let config: Self = crate::io::model_folder::read_json(path)?;
-        config.validate().map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        Ok(config)
+        crate::io::model_folder::read_validated(path, Self::validate)
     }
 
     /// Checks that the sizes are usable and the activation is known.
@@ -163,13 +158,7 @@ impl CLIPTextConfig {
             ("num_attention_heads", self.num_attention_heads),
             ("max_position_embeddings", self.max_position_embeddings),
         ];
-        for (name, value) in sizes {
-            if value == 0 {
-                return Err(Error::invalid(format!(
-                    "CLIP text config: {name} must be > 0"
-                )));
-            }
-        }
+        super::config_defaults::check_positive("CLIP text", &sizes)?;
         if self.hidden_size % self.num_attention_heads != 0 {
             return Err(Error::invalid(format!(
                 "CLIP text config: hidden_size {} is not divisible by num_attention_heads {}",

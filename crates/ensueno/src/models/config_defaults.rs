@@ -43,3 +43,13 @@ pub(crate) fn d_default() -> String {
 pub(crate) fn d_positional() -> String {
     "positional".to_string()
 }
+
+/// Fails with "`model` config: NAME must be > 0" for the first zero size.
+pub(crate) fn check_positive(model: &str, sizes: &[(&str, usize)]) -> crate::Result<()> {
+    match sizes.iter().find(|(_, v)| *v == 0) {
+        Some((name, _)) => Err(crate::Error::invalid(format!(
+            "{model} config: {name} must be > 0"
+        ))),
+        None => Ok(()),
+    }
+}

@@ -80,12 +80,7 @@ impl ConvVAEConfig {
 
     /// Reads and validates a `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let config: Self = crate::io::model_folder::read_json(path)?;
-        config.validate().map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        Ok(config)
+        crate::io::model_folder::read_validated(path, Self::validate)
     }
 
     /// The `config.json` text, with `_class_name` first.
@@ -114,11 +109,7 @@ impl ConvVAEConfig {
             ("dense_dim", self.dense_dim),
             ("latent_dim", self.latent_dim),
         ];
-        if let Some((name, _)) = zero.iter().find(|(_, v)| *v == 0) {
-            return Err(Error::invalid(format!(
-                "ConvVAE config: {name} must be > 0"
-            )));
-        }
+        super::config_defaults::check_positive("ConvVAE", &zero)?;
         if self.conv_channels.is_empty() || self.conv_channels.contains(&0) {
             return Err(Error::invalid(format!(
                 "ConvVAE config: conv_channels must be a non-empty list of positive numbers, got {:?}",

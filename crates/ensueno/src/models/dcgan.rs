@@ -91,12 +91,7 @@ impl DCGANConfig {
 
     /// Reads and validates a `config.json` (of either network).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let config: Self = crate::io::model_folder::read_json(path)?;
-        config.validate().map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        Ok(config)
+        crate::io::model_folder::read_validated(path, Self::validate)
     }
 
     /// The `config.json` text with `_class_name` first: pass
@@ -122,9 +117,7 @@ impl DCGANConfig {
             ("base_channels", self.base_channels),
             ("label_embedding_dim", self.label_embedding_dim),
         ];
-        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
-            return Err(Error::invalid(format!("DCGAN config: {name} must be > 0")));
-        }
+        super::config_defaults::check_positive("DCGAN", &sizes)?;
         if self.num_classes == Some(0) {
             return Err(Error::invalid(
                 "DCGAN config: num_classes must be > 0 (or null for an unconditional model)",
