@@ -1,0 +1,1 @@
+//! ensueno's HTTP server (under construction).
