@@ -44,6 +44,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    ensueno::utils::tune_allocator();
     let cli = Cli::parse();
     let level = match cli.verbose {
         0 => "warn",

@@ -27,6 +27,8 @@ pub enum TrainCommand {
     Vae(VaeArgs),
     /// DCGAN, class-conditional unless --unconditional (non-saturating loss, Adam 2e-4, beta1 0.5).
     Gan(GanArgs),
+    /// Latent text-to-image diffusion (frozen MiniLM text encoder + TAESD, cross-attention UNet), from a config file.
+    Text2image(Text2ImageArgs),
     /// The scoring classifier for `ensueno eval` (the shared MNIST classifier's architecture), e.g. for Fashion-MNIST.
     Classifier(ClassifierArgs),
 }
@@ -118,6 +120,7 @@ pub fn run(command: TrainCommand) -> Result<()> {
         TrainCommand::Classifier(args) => train_classifier(args),
         TrainCommand::Vae(args) => train_vae(args),
         TrainCommand::Gan(args) => train_gan(args),
+        TrainCommand::Text2image(args) => train_text2image(args),
     }
 }
 
@@ -265,6 +268,102 @@ fn train_diffusion(args: DiffusionArgs) -> Result<()> {
         task.num_parameters(),
         data.name,
         data.len()
+    );
+    train_and_report(&mut task, &what, &data, &options, &device)
+}
+
+#[derive(Args)]
+pub struct Text2ImageArgs {
+    /// The training config (UNet, recipe, run defaults), e.g. configs/text2image-emoji.json.
+    #[arg(long)]
+    config: PathBuf,
+    /// Captioned images: a WebDataset .tar, a folder of tars (each tar's name is a style), or a
+    /// folder of images with .txt captions. Default: $ENSUENO_DATA/emoji.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The frozen text encoder: a sentence-transformers BERT folder (all-MiniLM-L6-v2).
+    #[arg(long, env = "ENSUENO_TEXT_ENCODER")]
+    text_encoder: PathBuf,
+    /// The frozen autoencoder: a folder with taesd_encoder.safetensors and taesd_decoder.safetensors.
+    #[arg(long, env = "ENSUENO_TAESD")]
+    taesd: PathBuf,
+    /// Checkpoints, loss curves, sample grids and model/ go here.
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Epochs (default: the config's).
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Batch size (default: the config's).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Learning rate (default: the config's).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Seed (default: the config's).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Continue the run in --output from its latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Stop each epoch after this many batches (quick trials).
+    #[arg(long)]
+    max_steps_per_epoch: Option<usize>,
+    /// cpu or cuda.
+    #[arg(long, value_enum)]
+    device: Option<DeviceArg>,
+}
+
+fn train_text2image(args: Text2ImageArgs) -> Result<()> {
+    use ensueno::train::text2image::{FrozenParts, Text2ImageConfig, Text2ImageTask};
+    let config = Text2ImageConfig::from_file(&args.config)?;
+    let device = pick_device(args.device)?;
+    let path = data::resolve_data_path(args.data.as_deref(), "emoji")?;
+    let options = LoadOptions {
+        background: config.recipe.background,
+        ..LoadOptions::default()
+    };
+    let data = data::open(&path, &options)
+        .with_context(|| format!("cannot load the data in {}", path.display()))?;
+    let run = &config.training;
+    let options = TrainOptions {
+        epochs: args.epochs.unwrap_or(run.epochs),
+        batch_size: args.batch_size.unwrap_or(run.batch_size),
+        lr: args.lr.unwrap_or(run.lr),
+        seed: args.seed.unwrap_or(run.seed),
+        resume: args.resume,
+        max_steps_per_epoch: args.max_steps_per_epoch,
+        ..TrainOptions::new(&args.output)
+    };
+    let frozen = FrozenParts {
+        text_encoder: args.text_encoder.clone(),
+        taesd: args.taesd.clone(),
+    };
+    eprintln!(
+        "encoding {} images and their captions with the frozen text encoder and TAESD",
+        data.len()
+    );
+    let started = Instant::now();
+    let mut task = Text2ImageTask::new(
+        config,
+        frozen,
+        &data,
+        options.lr,
+        options.seed,
+        &device,
+        &mut |done, total, what| {
+            if done == total {
+                eprintln!("encoded {total} {what}");
+            }
+        },
+    )?;
+    let what = format!(
+        "training a {}-parameter UNet2DConditionModel on {} ({} images, styles {}, {} prompts; encoding took {:.0} s)",
+        task.num_parameters(),
+        data.name,
+        data.len(),
+        task.styles().join(", "),
+        task.num_prompts(),
+        started.elapsed().as_secs_f64()
     );
     train_and_report(&mut task, &what, &data, &options, &device)
 }

@@ -13,7 +13,10 @@
 //! (`BasicTransformerBlock`, `FeedForward`, `GEGLU`).
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::ops::layer_norm::{layer_norm, LayerNorm};
+use crate::ops::linear::Linear;
 
 use crate::ops::group_norm::GroupNorm;
 
@@ -132,7 +135,7 @@ pub struct Attention {
 }
 
 fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    Ok(candle_nn::linear_b(in_dim, out_dim, bias, vb)?)
+    Ok(crate::ops::linear::linear_b(in_dim, out_dim, bias, vb)?)
 }
 
 impl Attention {
@@ -314,7 +317,7 @@ pub struct GEGLU {
 impl GEGLU {
     pub fn new(vb: VarBuilder, dim_in: usize, dim_out: usize) -> Result<Self> {
         Ok(Self {
-            proj: candle_nn::linear(dim_in, 2 * dim_out, vb.pp("proj"))?,
+            proj: crate::ops::linear::linear(dim_in, 2 * dim_out, vb.pp("proj"))?,
             dim_out,
         })
     }
@@ -349,7 +352,7 @@ impl FeedForward {
         let net = vb.pp("net");
         Ok(Self {
             geglu: GEGLU::new(net.pp("0"), dim, inner)?,
-            out: candle_nn::linear(inner, dim_out.unwrap_or(dim), net.pp("2"))?,
+            out: crate::ops::linear::linear(inner, dim_out.unwrap_or(dim), net.pp("2"))?,
         })
     }
 
@@ -400,16 +403,16 @@ impl BasicTransformerBlock {
         } else {
             None
         };
-        let norm1 = candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?;
+        let norm1 = layer_norm(dim, 1e-5, vb.pp("norm1"))?;
         let attn1 = Attention::new(vb.pp("attn1"), &attn(attn1_cross))?;
         let (norm2, attn2) = match config.cross_attention_dim {
             Some(cross) => (
-                Some(candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?),
+                Some(layer_norm(dim, 1e-5, vb.pp("norm2"))?),
                 Some(Attention::new(vb.pp("attn2"), &attn(Some(cross)))?),
             ),
             None => (None, None),
         };
-        let norm3 = candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?;
+        let norm3 = layer_norm(dim, 1e-5, vb.pp("norm3"))?;
         let ff = FeedForward::new(vb.pp("ff"), dim, None, None)?;
         Ok(Self {
             norm1,

@@ -47,7 +47,7 @@ fn conv2d_no_bias(
 ) -> Result<Conv2d> {
     Conv2d::new_no_bias(vb, in_c, out_c, k, cfg)
 }
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
@@ -127,7 +127,7 @@ fn default_scaling_factor() -> f64 {
 
 /// diffusers' `AutoencoderTiny` config (`vae/config.json` of a TAESD repo).
 /// Defaults are SD 1.x/2.x TAESD's.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 pub struct AutoencoderTinyConfig {
     #[serde(default = "default_three")]
     pub in_channels: usize,
@@ -569,6 +569,20 @@ fn taesd_name(name: &str, part: TaesdPart) -> Option<String> {
         TaesdPart::Encoder => Some(format!("encoder.layers.{index}.{rest}")),
         TaesdPart::Decoder => Some(format!("decoder.layers.{}.{rest}", index.checked_sub(1)?)),
     }
+}
+
+/// madebyollin's TAESD encoder and decoder files under diffusers'
+/// `AutoencoderTiny` names (`encoder.layers.N...`, `decoder.layers.N...`),
+/// in f32, sorted by name: what a diffusers `vae/` folder stores.
+pub fn taesd_diffusers_tensors(encoder: &Path, decoder: &Path) -> Result<Vec<(String, Tensor)>> {
+    let mut all: Vec<(String, Tensor)> = Vec::new();
+    for (path, part) in [(encoder, TaesdPart::Encoder), (decoder, TaesdPart::Decoder)] {
+        for (name, t) in taesd_tensors(path, part)? {
+            all.push((name, t.to_dtype(DType::F32)?));
+        }
+    }
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(all)
 }
 
 fn taesd_tensors(path: &Path, part: TaesdPart) -> Result<HashMap<String, Tensor>> {

@@ -479,6 +479,11 @@ impl BertModel {
         self.config.hidden_size
     }
 
+    /// Where the weights live.
+    pub fn device(&self) -> &candle_core::Device {
+        self.embeddings.word_embeddings.embeddings().device()
+    }
+
     /// The pooler, when the checkpoint has one.
     pub fn pooler(&self) -> Option<&BertPooler> {
         self.pooler.as_ref()

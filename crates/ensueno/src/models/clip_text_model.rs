@@ -328,6 +328,16 @@ pub struct CLIPTextModel {
 }
 
 impl CLIPTextModel {
+    /// Width of the hidden states.
+    pub fn hidden_size(&self) -> usize {
+        self.final_layer_norm.weight().dim(0).unwrap_or(0)
+    }
+
+    /// Where the weights live.
+    pub fn device(&self) -> &Device {
+        self.final_layer_norm.weight().device()
+    }
+
     /// Builds the model from a `VarBuilder` at the checkpoint root.
     ///
     /// Stable Diffusion repositories (written by transformers 4.x) store the

@@ -8,7 +8,7 @@ pub mod autoencoder_tiny;
 pub mod bert;
 pub mod clip_text_model;
 pub mod clip_tokenizer;
-mod config_defaults;
+pub(crate) mod config_defaults;
 pub mod conv_vae;
 pub mod dcgan;
 pub mod downsampling;

@@ -215,7 +215,7 @@ impl SentenceEncoder {
         let lower_case = sbert.as_ref().is_some_and(|s| s.do_lower_case);
 
         let tokenizer_path = required("tokenizer.json")?;
-        let tokenizer = load_tokenizer(&tokenizer_path, max_length)?;
+        let tokenizer = load_tokenizer(&tokenizer_path, max_length, PaddingStrategy::BatchLongest)?;
 
         let files = in_component(dir, component_weight_files(dir))?;
         let vb = var_builder_from_files(&files, dtype, device)?;
@@ -335,7 +335,13 @@ impl SentenceEncoder {
 /// Reads `tokenizer.json` and replaces its padding and truncation (the
 /// MiniLM file pads every text to a fixed 128) with sentence-transformers':
 /// pad to the batch's longest, cut at `max_length`.
-fn load_tokenizer(path: &Path, max_length: usize) -> Result<Tokenizer> {
+/// A `tokenizer.json` set to truncate at `max_length` tokens and pad with
+/// `padding` (its own pad token, else `[PAD]`).
+pub(crate) fn load_tokenizer(
+    path: &Path,
+    max_length: usize,
+    padding: PaddingStrategy,
+) -> Result<Tokenizer> {
     let mut tokenizer = Tokenizer::from_file(path)
         .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
     let (pad_id, pad_token) = match tokenizer.get_padding() {
@@ -352,7 +358,7 @@ fn load_tokenizer(path: &Path, max_length: usize) -> Result<Tokenizer> {
         }
     };
     tokenizer.with_padding(Some(PaddingParams {
-        strategy: PaddingStrategy::BatchLongest,
+        strategy: padding,
         direction: PaddingDirection::Right,
         pad_to_multiple_of: None,
         pad_id,

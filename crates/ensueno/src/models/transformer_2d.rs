@@ -10,7 +10,9 @@
 //! (continuous inputs).
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::ops::linear::{linear, Linear};
 
 use crate::ops::conv::Conv2d;
 use crate::ops::group_norm::GroupNorm;
@@ -65,8 +67,8 @@ impl Transformer2DModel {
         let norm = group_norm(config.norm_num_groups, c, 1e-6, vb.pp("norm"))?;
         let (proj_in, proj_out) = if config.use_linear_projection {
             (
-                Projection::Linear(candle_nn::linear(c, inner, vb.pp("proj_in"))?),
-                Projection::Linear(candle_nn::linear(inner, c, vb.pp("proj_out"))?),
+                Projection::Linear(linear(c, inner, vb.pp("proj_in"))?),
+                Projection::Linear(linear(inner, c, vb.pp("proj_out"))?),
             )
         } else {
             (

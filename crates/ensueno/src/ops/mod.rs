@@ -10,6 +10,8 @@ pub mod attention;
 pub mod bias;
 pub mod conv;
 pub mod group_norm;
+pub mod layer_norm;
+pub mod linear;
 
 /// `dst[m, n] = lhs[m, k] * rhs[k, n]`, or `dst += beta * lhs * rhs` when
 /// `accumulate`; strides in elements (rows, columns). One wrapper over

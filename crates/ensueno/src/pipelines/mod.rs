@@ -9,6 +9,7 @@ pub mod latent_preview;
 pub mod pixel_diffusion;
 pub mod request;
 pub mod stable_diffusion;
+pub mod text_encoder;
 pub mod trained_model;
 
 pub use default_model::default_model_dir;

@@ -15,33 +15,78 @@ use image::RgbImage;
 use crate::io::images::{image_to_tensor, resize, tensor_to_images};
 use crate::io::model_folder::{in_component, ModelFolder};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
-use crate::models::clip_text_model::{CLIPTextConfig, CLIPTextModel};
-use crate::models::clip_tokenizer::CLIPTokenizer;
+use crate::models::autoencoder_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::pipelines::latent_preview::LatentPreviewer;
 use crate::pipelines::request::{GenerationRequest, Limits};
+use crate::pipelines::text_encoder::{TextEncoder, CLIP_MAX_TOKENS};
 use crate::schedulers::{build_scheduler, Scheduler, SchedulerConfig};
 use crate::utils::NoiseGenerator;
 use crate::{Error, Result};
 
-/// CLIP's context window: prompts are padded or truncated to it.
-const MAX_TOKENS: usize = 77;
-
 /// The components of a Stable Diffusion model, loaded and ready.
 pub struct StableDiffusionPipeline {
-    pub tokenizer: CLIPTokenizer,
     /// `None` once released (see [`Self::release_text_encoder_after_use`]).
-    text_encoder: Mutex<Option<CLIPTextModel>>,
+    text_encoder: Mutex<Option<TextEncoder>>,
     release_text_encoder: bool,
     pub unet: UNet2DConditionModel,
-    pub vae: AutoencoderKL,
+    pub vae: Vae,
     pub unet_config: UNet2DConditionConfig,
-    pub vae_config: AutoencoderKLConfig,
     pub scheduler_config: SchedulerConfig,
     /// A display name for the model (PNG metadata, API listings).
     pub name: String,
     device: Device,
     dtype: DType,
+}
+
+/// The autoencoder between pixels and latents: Stable Diffusion's KL VAE,
+/// or TAESD (diffusers' `AutoencoderTiny`), whose latents need no scaling.
+pub enum Vae {
+    Kl(Box<AutoencoderKL>, AutoencoderKLConfig),
+    Tiny(Box<AutoencoderTiny>),
+}
+
+impl Vae {
+    /// Loads the `vae` component, of the class `model_index.json` names.
+    pub fn load(folder: &ModelFolder, device: &Device, dtype: DType) -> Result<Self> {
+        let dir = folder.component_dir("vae")?;
+        let vb = folder.var_builder("vae", dtype, device)?;
+        match folder.component_class("vae").unwrap_or("AutoencoderKL") {
+            "AutoencoderKL" => {
+                let config = AutoencoderKLConfig::from_file(folder.config_path("vae")?)?;
+                let vae = in_component(&dir, AutoencoderKL::new(vb, &config))?;
+                Ok(Self::Kl(Box::new(vae), config))
+            }
+            "AutoencoderTiny" => {
+                let config = AutoencoderTinyConfig::from_file(&folder.config_path("vae")?)?;
+                let vae = in_component(&dir, AutoencoderTiny::new(vb, &config))?;
+                Ok(Self::Tiny(Box::new(vae)))
+            }
+            other => Err(Error::Model {
+                path: dir,
+                message: format!(
+                    "unsupported VAE class {other} (supported: AutoencoderKL, AutoencoderTiny)"
+                ),
+            }),
+        }
+    }
+
+    /// Pixels per latent along each side.
+    pub fn scale_factor(&self) -> usize {
+        let levels = match self {
+            Self::Kl(_, c) => c.block_out_channels.len(),
+            Self::Tiny(t) => t.config().decoder_block_out_channels.len(),
+        };
+        1 << levels.saturating_sub(1)
+    }
+
+    /// (scaling_factor, shift_factor) between the VAE's latents and the UNet's.
+    fn scaling(&self) -> (f64, f64) {
+        match self {
+            Self::Kl(_, c) => (c.scaling_factor, c.shift_factor.unwrap_or(0.0)),
+            Self::Tiny(t) => (t.config().scaling_factor, t.config().shift_factor),
+        }
+    }
 }
 
 /// Inputs that are data rather than settings.
@@ -86,34 +131,22 @@ impl StableDiffusionPipeline {
     /// Loads every component of a diffusers folder, weights memory-mapped and
     /// converted to `dtype`.
     pub fn load(folder: &ModelFolder, device: &Device, dtype: DType) -> Result<Self> {
-        let tokenizer_dir = folder.component_dir("tokenizer")?;
-        let tokenizer = CLIPTokenizer::from_dir(&tokenizer_dir)?;
-
-        let text_dir = folder.component_dir("text_encoder")?;
-        let text_config = CLIPTextConfig::from_file(&folder.config_path("text_encoder")?)?;
-        let vb = folder.var_builder("text_encoder", dtype, device)?;
-        let text_encoder = in_component(&text_dir, CLIPTextModel::new(vb, &text_config))?;
+        let text_encoder = TextEncoder::load(folder, device, dtype)?;
 
         let unet_dir = folder.component_dir("unet")?;
         let unet_config = UNet2DConditionConfig::from_file(folder.config_path("unet")?)?;
         let vb = folder.var_builder("unet", dtype, device)?;
         let unet = in_component(&unet_dir, UNet2DConditionModel::new(vb, &unet_config))?;
 
-        let vae_dir = folder.component_dir("vae")?;
-        let vae_config = AutoencoderKLConfig::from_file(folder.config_path("vae")?)?;
-        let vb = folder.var_builder("vae", dtype, device)?;
-        let vae = in_component(&vae_dir, AutoencoderKL::new(vb, &vae_config))?;
-
+        let vae = Vae::load(folder, device, dtype)?;
         let scheduler_config = SchedulerConfig::from_file(&folder.config_path("scheduler")?)?;
 
         Ok(Self {
-            tokenizer,
             text_encoder: Mutex::new(Some(text_encoder)),
             release_text_encoder: false,
             unet,
             vae,
             unet_config,
-            vae_config,
             scheduler_config,
             name: folder.name(),
             device: device.clone(),
@@ -123,7 +156,7 @@ impl StableDiffusionPipeline {
 
     /// Pixels per latent along each side (8 for Stable Diffusion).
     pub fn vae_scale_factor(&self) -> usize {
-        1 << self.vae_config.block_out_channels.len().saturating_sub(1)
+        self.vae.scale_factor()
     }
 
     /// The size the model was trained at, in pixels (width, height).
@@ -150,11 +183,9 @@ impl StableDiffusionPipeline {
         self.release_text_encoder = release;
     }
 
-    /// Encodes one prompt to CLIP hidden states `[1, 77, D]`; the flag says
-    /// whether the prompt was cut to fit the 77-token window.
+    /// Encodes one prompt to the text encoder's hidden states `[1, T, D]`;
+    /// the flag says whether the prompt was cut to fit the encoder's window.
     pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<(Tensor, bool)> {
-        let tokens = self.tokenizer.encode_padded(prompt, MAX_TOKENS)?;
-        let ids = Tensor::new(tokens.ids.as_slice(), &self.device)?.unsqueeze(0)?;
         let guard = self.text_encoder.lock().map_err(|_| {
             Error::invalid("the text encoder is unusable after a failed generation")
         })?;
@@ -163,8 +194,17 @@ impl StableDiffusionPipeline {
                 "the text encoder was released after use; load the model again to generate more",
             )
         })?;
-        let hidden = encoder.forward_with_clip_skip(&ids, clip_skip)?;
-        Ok((hidden, tokens.truncated))
+        let (hidden, cut) = encoder.encode(&[prompt], clip_skip)?;
+        Ok((hidden, cut.first().copied().unwrap_or(false)))
+    }
+
+    /// Tokens per prompt of the text encoder (77 for CLIP).
+    pub fn max_prompt_tokens(&self) -> usize {
+        self.text_encoder
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().map(TextEncoder::max_length))
+            .unwrap_or(CLIP_MAX_TOKENS)
     }
 
     /// Runs a whole generation. `on_step` is called after every denoising
@@ -210,11 +250,12 @@ impl StableDiffusionPipeline {
         // Text conditioning: [negative x batch, positive x batch], the order
         // diffusers concatenates them in.
         let guidance = request.guidance_scale > 1.0;
+        let window = self.max_prompt_tokens();
         let (positive, truncated) = self.encode_prompt(&request.prompt, request.clip_skip)?;
         if truncated {
             warnings.push(format!(
-                "the prompt is longer than CLIP's {} tokens; the end was cut off",
-                MAX_TOKENS - 2
+                "the prompt is longer than the text encoder's {} tokens; the end was cut off",
+                window - 2
             ));
         }
         let positive = positive.repeat((batch, 1, 1))?;
@@ -224,7 +265,7 @@ impl StableDiffusionPipeline {
             let (negative, truncated) = self.encode_prompt(&request.negative_prompt, 0)?;
             if truncated {
                 warnings.push(
-                    "the negative prompt is longer than CLIP's window; the end was cut off".into(),
+                    "the negative prompt is longer than the text encoder's window; the end was cut off".into(),
                 );
             }
             Tensor::cat(&[negative.repeat((batch, 1, 1))?, positive], 0)?
@@ -376,28 +417,36 @@ impl StableDiffusionPipeline {
     ) -> Result<Tensor> {
         let img = resize(img, width as u32, height as u32);
         let x = image_to_tensor(&img, self.dtype, &self.device)?;
-        let dist = self.vae.encode(&x)?;
-        let (_, c, h, w) = dist.mean().dims4()?;
-        let eps = match posterior_noise {
-            Some(eps) => eps,
-            // Each image of the batch samples the posterior with its own generator.
-            None => self.draw_noise(generators, (c, h, w))?,
+        let (scaling, shift) = self.vae.scaling();
+        let z = match &self.vae {
+            Vae::Kl(vae, _) => {
+                let dist = vae.encode(&x)?;
+                let (_, c, h, w) = dist.mean().dims4()?;
+                let eps = match posterior_noise {
+                    Some(eps) => eps,
+                    // Each image of the batch samples the posterior with its own generator.
+                    None => self.draw_noise(generators, (c, h, w))?,
+                };
+                dist.mean().broadcast_add(&(eps.broadcast_mul(dist.std()))?)?
+            }
+            // TAESD's encoder is deterministic: no posterior to sample.
+            Vae::Tiny(vae) => vae.encode(&x)?,
         };
-        let z = dist
-            .mean()
-            .broadcast_add(&(eps.broadcast_mul(dist.std()))?)?;
-        let shift = self.vae_config.shift_factor.unwrap_or(0.0);
-        Ok(((z - shift)? * self.vae_config.scaling_factor)?)
+        Ok(((z - shift)? * scaling)?)
     }
 
     /// Latents to images, through the VAE.
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Vec<RgbImage>> {
-        let shift = self.vae_config.shift_factor.unwrap_or(0.0);
-        let z = ((latents / self.vae_config.scaling_factor)? + shift)?;
+        let (scaling, shift) = self.vae.scaling();
+        let z = ((latents / scaling)? + shift)?;
         let mut images = Vec::with_capacity(z.dim(0)?);
         // One image at a time keeps the decoder's peak memory that of one image.
         for i in 0..z.dim(0)? {
-            let x = self.vae.decode(&z.narrow(0, i, 1)?)?;
+            let zi = z.narrow(0, i, 1)?;
+            let x = match &self.vae {
+                Vae::Kl(vae, _) => vae.decode(&zi)?,
+                Vae::Tiny(vae) => vae.decode(&zi)?,
+            };
             let x = ((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
             images.extend(tensor_to_images(&x)?);
         }
@@ -406,7 +455,7 @@ impl StableDiffusionPipeline {
 
     /// A previewer for this model: TAESD when given, else the linear map.
     pub fn previewer(
-        taesd: Option<crate::models::autoencoder_tiny::AutoencoderTiny>,
+        taesd: Option<AutoencoderTiny>,
     ) -> LatentPreviewer {
         match taesd {
             Some(t) => LatentPreviewer::Taesd(Box::new(t)),

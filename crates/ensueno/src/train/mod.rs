@@ -15,6 +15,7 @@ pub mod ema;
 pub mod gan;
 pub mod params;
 pub mod runner;
+pub mod text2image;
 pub mod vae;
 
 use std::collections::HashMap;

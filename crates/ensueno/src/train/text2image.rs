@@ -1,0 +1,678 @@
+//! Latent text-to-image diffusion training (`ensueno train text2image`):
+//! Stable Diffusion's architecture at emoji scale. A frozen text encoder
+//! (the sentence encoder all-MiniLM-L6-v2, a BERT) gives token states, a
+//! frozen TAESD encoder gives 8x-downsampled latents, and a
+//! `UNet2DConditionModel` learns to predict the noise of the DDPM forward
+//! process while cross-attending to the text; prompts are dropped at random
+//! so the same model also predicts unconditionally (classifier-free
+//! guidance). The art style is part of the prompt ("..., noto style"), and
+//! is itself dropped at random so prompts without a style work too.
+//!
+//! Latent diffusion: Rombach et al. 2022 (arXiv:2112.10752); DDPM: Ho et
+//! al. 2020 (arXiv:2006.11239); classifier-free guidance: Ho & Salimans
+//! 2022 (arXiv:2207.12598); TAESD: madebyollin/taesd. The recipe follows
+//! diffusers' `examples/text_to_image/train_text_to_image.py` (epsilon MSE,
+//! AdamW, EMA) and the result is saved as a diffusers
+//! `StableDiffusionPipeline` folder (text_encoder `BertModel`, vae
+//! `AutoencoderTiny`) that diffusers loads as it is.
+//!
+//! Both frozen encoders run once, before the first step: every training
+//! image's latents and every distinct prompt's token states are kept in
+//! memory, so a step costs only the UNet.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Optimizer, ParamsAdamW};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use super::{prefixed, strip_prefix, Batch, Ema, EpochContext, ParamStore, StepContext, TrainTask};
+use crate::data::ImageDataset;
+use crate::io::atomic::write_json;
+use crate::models::autoencoder_tiny::AutoencoderTiny;
+use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::ops::adamw::AdamW;
+use crate::pipelines::text_encoder::TextEncoder;
+use crate::schedulers::SchedulerConfig;
+use crate::{Error, Result};
+
+/// The committed training config (`configs/text2image-emoji.json`): the
+/// UNet, the recipe and the run's defaults, so that one file reproduces
+/// the shipped model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Text2ImageConfig {
+    pub unet: UNet2DConditionConfig,
+    pub recipe: Text2ImageRecipe,
+    pub training: RunDefaults,
+}
+
+/// Epochs, batch size, learning rate and seed of the reference run (the
+/// CLI's flags override them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunDefaults {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub seed: u64,
+}
+
+/// Everything about training besides the UNet's shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Text2ImageRecipe {
+    pub num_train_timesteps: usize,
+    pub beta_schedule: String,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    /// Probability of training on the empty prompt (classifier-free guidance).
+    pub cond_dropout: f64,
+    /// Probability of leaving the style out of the prompt.
+    pub style_dropout: f64,
+    pub ema_decay: f64,
+    pub weight_decay: f64,
+    pub lr_warmup_steps: usize,
+    /// Tokens per prompt, `[CLS]` and `[SEP]` included.
+    pub max_text_tokens: usize,
+    /// The colour transparent pixels are composited on.
+    pub background: [u8; 3],
+    /// How a style is named in prompts: `"{caption}, {style} style"`.
+    pub style_template: String,
+    /// Sampling defaults of the saved model.
+    pub guidance_scale: f64,
+    pub sample_steps: usize,
+    /// Prompts drawn in the per-epoch sample grid.
+    pub preview_prompts: Vec<String>,
+}
+
+impl Text2ImageConfig {
+    /// Reads and checks a config file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        crate::io::model_folder::read_validated(path, Self::validate)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let r = &self.recipe;
+        if !(0.0..1.0).contains(&r.cond_dropout) || !(0.0..1.0).contains(&r.style_dropout) {
+            return Err(Error::invalid(
+                "cond_dropout and style_dropout must be in [0, 1)",
+            ));
+        }
+        if r.max_text_tokens < 3 || r.max_text_tokens > 512 {
+            return Err(Error::invalid("max_text_tokens must be between 3 and 512"));
+        }
+        if !r.style_template.contains("{caption}") || !r.style_template.contains("{style}") {
+            return Err(Error::invalid(
+                "style_template must contain {caption} and {style}",
+            ));
+        }
+        if self.unet.in_channels != 4 || self.unet.out_channels != 4 {
+            return Err(Error::invalid(
+                "the UNet must have 4 input and output channels (TAESD latents)",
+            ));
+        }
+        crate::models::config_defaults::check_positive("text2image", &[
+            ("training.epochs", self.training.epochs),
+            ("training.batch_size", self.training.batch_size),
+            ("recipe.sample_steps", r.sample_steps),
+        ])?;
+        Ok(())
+    }
+}
+
+/// A style's name as prompts use it: the shard name without its size suffix
+/// (`noto-64` -> `noto`).
+pub fn style_name(source: &str) -> String {
+    let base = source.rsplit('/').next().unwrap_or(source);
+    match base.rsplit_once('-') {
+        Some((name, size)) if size.chars().all(|c| c.is_ascii_digit()) => name.to_string(),
+        _ => base.to_string(),
+    }
+    .to_lowercase()
+}
+
+/// The prompt of a caption in a style.
+pub fn styled_prompt(template: &str, caption: &str, style: &str) -> String {
+    template
+        .replace("{caption}", caption)
+        .replace("{style}", style)
+}
+
+/// Where the frozen parts come from.
+#[derive(Debug, Clone)]
+pub struct FrozenParts {
+    /// A folder with the BERT sentence encoder (`config.json`,
+    /// `tokenizer.json`, weights), e.g. all-MiniLM-L6-v2.
+    pub text_encoder: PathBuf,
+    /// A folder with `taesd_encoder.safetensors` and `taesd_decoder.safetensors`.
+    pub taesd: PathBuf,
+}
+
+/// The `scheduler_config.json` of a model trained with `recipe`: the
+/// training noise schedule with DPM-Solver++ for sampling (diffusers'
+/// `DPMSolverMultistepScheduler`).
+pub fn scheduler_config(recipe: &Text2ImageRecipe) -> SchedulerConfig {
+    SchedulerConfig {
+        class_name: Some("DPMSolverMultistepScheduler".to_string()),
+        num_train_timesteps: Some(recipe.num_train_timesteps),
+        beta_start: Some(recipe.beta_start),
+        beta_end: Some(recipe.beta_end),
+        beta_schedule: Some(recipe.beta_schedule.clone()),
+        prediction_type: Some("epsilon".to_string()),
+        clip_sample: Some(false),
+        timestep_spacing: Some("leading".to_string()),
+        steps_offset: Some(1),
+        ..SchedulerConfig::default()
+    }
+}
+
+pub struct Text2ImageTask {
+    config: Text2ImageConfig,
+    frozen: FrozenParts,
+    params: ParamStore,
+    model: UNet2DConditionModel,
+    opt: AdamW,
+    ema: Ema,
+    base_lr: f64,
+    sqrt_ab: Vec<f64>,
+    sqrt_1m_ab: Vec<f64>,
+    /// TAESD latents of every training image, [N, 4, h, w].
+    latents: Tensor,
+    /// Token states of every distinct prompt, [P, T, D].
+    text_states: Tensor,
+    /// For each image: (styled prompt, plain caption) rows of `text_states`.
+    prompt_rows: Vec<(u32, u32)>,
+    /// The empty prompt's row.
+    null_row: u32,
+    styles: Vec<String>,
+    device: Device,
+}
+
+impl Text2ImageTask {
+    /// Encodes the whole dataset with the frozen parts and initialises the
+    /// UNet (weights seeded by `seed`). `on_progress(done, total, what)`
+    /// reports the encoding.
+    pub fn new(
+        config: Text2ImageConfig,
+        frozen: FrozenParts,
+        data: &ImageDataset,
+        lr: f64,
+        seed: u64,
+        device: &Device,
+        on_progress: &mut dyn FnMut(usize, usize, &str),
+    ) -> Result<Self> {
+        config.validate()?;
+        let recipe = &config.recipe;
+        let captions = data.captions.as_ref().ok_or_else(|| {
+            Error::invalid(format!(
+                "{}: text-to-image training needs captions (KEY.txt in the tars, or .txt sidecars)",
+                data.name
+            ))
+        })?;
+        if data.channels != 3 || data.height % 8 != 0 || data.width % 8 != 0 {
+            return Err(Error::invalid(format!(
+                "text-to-image training needs RGB images whose sides are multiples of 8, got {}x{}x{}",
+                data.channels, data.height, data.width
+            )));
+        }
+
+        let text_encoder =
+            TextEncoder::bert_from_dir(&frozen.text_encoder, recipe.max_text_tokens, device, DType::F32)?;
+        let cross = text_encoder.hidden_size();
+        let unet_cross = match &config.unet.cross_attention_dim {
+            crate::models::unet_2d_condition::OneOrMany::One(d) => *d,
+            crate::models::unet_2d_condition::OneOrMany::Many(v) => {
+                v.first().copied().unwrap_or(0)
+            }
+        };
+        if unet_cross != cross {
+            return Err(Error::invalid(format!(
+                "the UNet's cross_attention_dim is {unet_cross} but the text encoder's hidden size is {cross}"
+            )));
+        }
+
+        // Every distinct prompt once: the empty prompt, each caption alone
+        // and each caption in its image's style.
+        let mut styles: Vec<String> = data.sources.iter().map(|s| style_name(s)).collect();
+        styles.sort();
+        styles.dedup();
+        let mut rows: HashMap<String, u32> = HashMap::new();
+        let mut prompts: Vec<String> = Vec::new();
+        let mut row_of = |p: String, prompts: &mut Vec<String>| -> u32 {
+            *rows.entry(p.clone()).or_insert_with(|| {
+                prompts.push(p);
+                (prompts.len() - 1) as u32
+            })
+        };
+        let null_row = row_of(String::new(), &mut prompts);
+        let prompt_rows: Vec<(u32, u32)> = (0..data.len())
+            .map(|i| {
+                let caption = captions[i].trim().to_string();
+                let style = data
+                    .sources
+                    .get(i)
+                    .map(|s| style_name(s))
+                    .unwrap_or_default();
+                let styled = if style.is_empty() {
+                    caption.clone()
+                } else {
+                    styled_prompt(&recipe.style_template, &caption, &style)
+                };
+                let s = row_of(styled, &mut prompts);
+                let p = row_of(caption, &mut prompts);
+                (s, p)
+            })
+            .collect();
+
+        let chunk = 64;
+        let mut states = Vec::with_capacity(prompts.len().div_ceil(chunk));
+        for (i, part) in prompts.chunks(chunk).enumerate() {
+            let refs: Vec<&str> = part.iter().map(String::as_str).collect();
+            let (hidden, _) = text_encoder.encode(&refs, 0)?;
+            states.push(hidden);
+            on_progress((i * chunk + part.len()).min(prompts.len()), prompts.len(), "prompts");
+        }
+        let text_states = Tensor::cat(&states, 0)?;
+        drop(text_encoder);
+
+        let taesd = AutoencoderTiny::from_taesd_files(
+            Some(&frozen.taesd.join("taesd_encoder.safetensors")),
+            &frozen.taesd.join("taesd_decoder.safetensors"),
+            DType::F32,
+            device,
+        )?;
+        let mut latents = Vec::with_capacity(data.len().div_ceil(chunk));
+        let all: Vec<usize> = (0..data.len()).collect();
+        for (i, idx) in all.chunks(chunk).enumerate() {
+            let x = data.batch_images(idx, device)?.affine(2., -1.)?;
+            latents.push(taesd.encode(&x)?);
+            on_progress((i * chunk + idx.len()).min(data.len()), data.len(), "images");
+        }
+        let latents = Tensor::cat(&latents, 0)?;
+
+        let params = ParamStore::new(seed);
+        let model = UNet2DConditionModel::new(params.var_builder(DType::F32, device), &config.unet)?;
+        let vars = params.vars().into_iter().map(|(_, v)| v).collect();
+        let opt = AdamW::new(
+            vars,
+            ParamsAdamW {
+                lr,
+                weight_decay: recipe.weight_decay,
+                ..ParamsAdamW::default()
+            },
+        )?;
+        let ema = Ema::new(&params, recipe.ema_decay)?;
+        let schedule = crate::schedulers::betas::NoiseSchedule::from_config(
+            &scheduler_config(recipe),
+            false,
+        )?;
+        let sqrt_ab = schedule.alphas_cumprod.iter().map(|a| a.sqrt()).collect();
+        let sqrt_1m_ab = schedule
+            .alphas_cumprod
+            .iter()
+            .map(|a| (1. - a).sqrt())
+            .collect();
+        Ok(Self {
+            config,
+            frozen,
+            params,
+            model,
+            opt,
+            ema,
+            base_lr: lr,
+            sqrt_ab,
+            sqrt_1m_ab,
+            latents,
+            text_states,
+            prompt_rows,
+            null_row,
+            styles,
+            device: device.clone(),
+        })
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        self.params.num_parameters()
+    }
+
+    /// The styles found in the data (`noto`, `twemoji`).
+    pub fn styles(&self) -> &[String] {
+        &self.styles
+    }
+
+    /// Distinct prompts encoded.
+    pub fn num_prompts(&self) -> usize {
+        self.text_states.dim(0).unwrap_or(0)
+    }
+}
+
+/// Adds diffusers' `_class_name` / `_diffusers_version` to a config and
+/// drops null keys (diffusers would pass them as `None` instead of using
+/// its defaults).
+fn with_class(value: serde_json::Value, class: &str) -> serde_json::Value {
+    let mut value = value;
+    if let Some(map) = value.as_object_mut() {
+        map.retain(|_, v| !v.is_null());
+        map.insert("_class_name".into(), class.into());
+        map.insert("_diffusers_version".into(), "0.42.1".into());
+    }
+    value
+}
+
+impl TrainTask for Text2ImageTask {
+    fn kind(&self) -> &str {
+        "text2image"
+    }
+
+    fn loss_names(&self) -> Vec<String> {
+        vec!["loss".to_string()]
+    }
+
+    fn config(&self) -> serde_json::Value {
+        super::model_and_recipe("unet", &self.config.unet, &self.config.recipe)
+    }
+
+    fn train_step(&mut self, batch: &Batch, ctx: &StepContext) -> Result<Vec<f64>> {
+        let recipe = &self.config.recipe;
+        let b = batch.indices.len();
+        let idx: Vec<u32> = batch.indices.iter().map(|&i| i as u32).collect();
+        let idx_t = Tensor::new(idx.as_slice(), &self.device)?;
+        let x0 = self.latents.index_select(&idx_t, 0)?;
+        let noise = ctx.rng(0).randn(x0.shape(), DType::F32, &self.device)?;
+        let mut rng = ctx.uniform_rng(1);
+        let t_count = recipe.num_train_timesteps;
+        let ts: Vec<usize> = (0..b).map(|_| rng.random_range(0..t_count)).collect();
+        let mut drop = ctx.uniform_rng(2);
+        let rows: Vec<u32> = batch
+            .indices
+            .iter()
+            .map(|&i| {
+                let (styled, plain) = self.prompt_rows[i];
+                let u = drop.random::<f64>();
+                if u < recipe.cond_dropout {
+                    self.null_row
+                } else if u < recipe.cond_dropout + recipe.style_dropout {
+                    plain
+                } else {
+                    styled
+                }
+            })
+            .collect();
+        let context = self
+            .text_states
+            .index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?;
+        let coef = |v: &[f64]| -> Result<Tensor> {
+            let c: Vec<f32> = ts.iter().map(|&t| v[t] as f32).collect();
+            Ok(Tensor::from_vec(c, (b, 1, 1, 1), &self.device)?)
+        };
+        let xt = (x0.broadcast_mul(&coef(&self.sqrt_ab)?)?
+            + noise.broadcast_mul(&coef(&self.sqrt_1m_ab)?)?)?;
+        let t = Tensor::from_vec(
+            ts.iter().map(|&t| t as f32).collect::<Vec<_>>(),
+            b,
+            &self.device,
+        )?;
+        let pred = self.model.forward(&xt, &t, &context)?;
+        let loss = candle_nn::loss::mse(&pred, &noise)?;
+        let value = loss.to_scalar::<f32>()? as f64;
+        if !value.is_finite() {
+            return Ok(vec![value]);
+        }
+        let warm = recipe.lr_warmup_steps;
+        let lr = if warm > 0 && ctx.step < warm {
+            self.base_lr * (ctx.step + 1) as f64 / warm as f64
+        } else {
+            self.base_lr
+        };
+        self.opt.set_learning_rate(lr);
+        let grads = loss.backward()?;
+        self.opt.step(&grads)?;
+        self.ema.update(&self.params)?;
+        Ok(vec![value])
+    }
+
+    fn end_of_epoch(&mut self, ctx: &EpochContext) -> Result<()> {
+        // The runner has just exported `model/`: sample the preview prompts
+        // through the same pipeline `ensueno generate` uses.
+        let model_dir = ctx.output.join("model");
+        if self.config.recipe.preview_prompts.is_empty() || !model_dir.is_dir() {
+            return Ok(());
+        }
+        let folder = crate::io::model_folder::ModelFolder::open(
+            &model_dir,
+            &["text_encoder", "tokenizer", "unet", "vae", "scheduler"],
+        )?;
+        let pipe =
+            crate::pipelines::StableDiffusionPipeline::load(&folder, &self.device, DType::F32)?;
+        let mut images = Vec::new();
+        for prompt in &self.config.recipe.preview_prompts {
+            for k in 0..4 {
+                let mut request = crate::pipelines::GenerationRequest::new(prompt.clone());
+                request.seed = Some(ctx.seed + k);
+                request.steps = self.config.recipe.sample_steps;
+                request.guidance_scale = self.config.recipe.guidance_scale;
+                let out = pipe.generate(
+                    &request,
+                    Default::default(),
+                    &crate::pipelines::Limits::default(),
+                    &mut |_| true,
+                )?;
+                images.extend(out.images);
+            }
+        }
+        let dir = ctx.output.join("samples");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let path = dir.join(format!("epoch-{:03}.png", ctx.epoch + 1));
+        tile(&images, 4)
+            .save(&path)
+            .map_err(|e| Error::invalid(format!("cannot write {}: {e}", path.display())))
+    }
+
+    fn save_model(&self, dir: &Path) -> Result<()> {
+        save_pipeline_folder(
+            dir,
+            &self.config,
+            &self.frozen,
+            self.ema.tensors(),
+            &self.styles,
+        )
+    }
+
+    fn training_state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = self.params.state("model.");
+        out.extend(self.ema.state("ema.")?);
+        out.extend(prefixed("optimizer.", self.opt.state()?));
+        Ok(out)
+    }
+
+    fn load_training_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        self.params.load_tensors(state, "model.")?;
+        self.ema.load_state(state, "ema.")?;
+        self.opt.load_state(&strip_prefix("optimizer.", state))
+    }
+}
+
+/// Images of one size in a grid, `columns` wide.
+fn tile(images: &[image::RgbImage], columns: usize) -> image::RgbImage {
+    let (w, h) = images.first().map_or((1, 1), |i| i.dimensions());
+    let cols = columns.min(images.len()).max(1) as u32;
+    let rows = images.len().div_ceil(cols as usize).max(1) as u32;
+    let mut out = image::RgbImage::from_pixel(cols * w, rows * h, image::Rgb([255, 255, 255]));
+    for (i, img) in images.iter().enumerate() {
+        let (x, y) = ((i as u32 % cols) * w, (i as u32 / cols) * h);
+        image::imageops::replace(&mut out, img, x as i64, y as i64);
+    }
+    out
+}
+
+/// The file beside `model_index.json` with ensueno's prompt conventions
+/// (styles, template, sampling defaults); diffusers ignores it.
+pub const PROMPTING_JSON: &str = "prompting.json";
+
+/// What [`PROMPTING_JSON`] holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptingConfig {
+    pub styles: Vec<String>,
+    pub style_template: String,
+    pub guidance_scale: f64,
+    pub num_inference_steps: usize,
+}
+
+/// Writes a diffusers `StableDiffusionPipeline` folder: the trained UNet,
+/// the frozen BERT and TAESD copied in diffusers' layout, the scheduler and
+/// the tokenizer (padded to `max_text_tokens`).
+pub fn save_pipeline_folder(
+    dir: &Path,
+    config: &Text2ImageConfig,
+    frozen: &FrozenParts,
+    unet: &[(String, Tensor)],
+    styles: &[String],
+) -> Result<()> {
+    let recipe = &config.recipe;
+    write_json(
+        &dir.join("model_index.json"),
+        &serde_json::json!({
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": "0.42.1",
+            "feature_extractor": [null, null],
+            "image_encoder": [null, null],
+            "requires_safety_checker": false,
+            "safety_checker": [null, null],
+            "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+            "text_encoder": ["transformers", "BertModel"],
+            "tokenizer": ["transformers", "BertTokenizerFast"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderTiny"],
+        }),
+    )?;
+    let sub = |name: &str| -> Result<PathBuf> {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+        Ok(d)
+    };
+
+    let unet_dir = sub("unet")?;
+    write_json(
+        &unet_dir.join("config.json"),
+        &with_class(super::to_json(&config.unet)?, "UNet2DConditionModel"),
+    )?;
+    crate::io::weights::save_safetensors(
+        &unet_dir.join("diffusion_pytorch_model.safetensors"),
+        unet,
+        None,
+    )?;
+
+    let sched = sub("scheduler")?;
+    let mut sched_json = with_class(
+        super::to_json(&scheduler_config(recipe))?,
+        "DPMSolverMultistepScheduler",
+    );
+    if let Some(map) = sched_json.as_object_mut() {
+        map.insert("algorithm_type".into(), "dpmsolver++".into());
+        map.insert("solver_order".into(), 2.into());
+    }
+    write_json(&sched.join("scheduler_config.json"), &sched_json)?;
+
+    // The VAE: TAESD under diffusers' AutoencoderTiny names.
+    let vae = sub("vae")?;
+    let tensors = crate::models::autoencoder_tiny::taesd_diffusers_tensors(
+        &frozen.taesd.join("taesd_encoder.safetensors"),
+        &frozen.taesd.join("taesd_decoder.safetensors"),
+    )?;
+    crate::io::weights::save_safetensors(
+        &vae.join("diffusion_pytorch_model.safetensors"),
+        &tensors,
+        None,
+    )?;
+    write_json(
+        &vae.join("config.json"),
+        &with_class(
+            super::to_json(&crate::models::autoencoder_tiny::AutoencoderTinyConfig::default())?,
+            "AutoencoderTiny",
+        ),
+    )?;
+
+    // The text encoder: BERT's config with the mask flag diffusers reads,
+    // and its weights as they are.
+    let te = sub("text_encoder")?;
+    let src_config = frozen.text_encoder.join("config.json");
+    let mut te_config: serde_json::Value = crate::io::model_folder::read_json(&src_config)?;
+    if let Some(map) = te_config.as_object_mut() {
+        map.insert("use_attention_mask".into(), true.into());
+        map.insert("architectures".into(), serde_json::json!(["BertModel"]));
+    }
+    write_json(&te.join("config.json"), &te_config)?;
+    let weights = crate::io::model_folder::component_weight_files(&frozen.text_encoder)?;
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for file in &weights {
+        tensors.extend(crate::io::weights::load_safetensors(file, &Device::Cpu)?);
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    crate::io::weights::save_safetensors(&te.join("model.safetensors"), &tensors, None)?;
+
+    // The tokenizer: padding and truncation live in tokenizer_config.json
+    // (transformers ignores the ones stored in tokenizer.json).
+    let tok = sub("tokenizer")?;
+    let mut tok_json: serde_json::Value =
+        crate::io::model_folder::read_json(&frozen.text_encoder.join("tokenizer.json"))?;
+    if let Some(map) = tok_json.as_object_mut() {
+        map.insert("padding".into(), serde_json::Value::Null);
+        map.insert("truncation".into(), serde_json::Value::Null);
+    }
+    write_json(&tok.join("tokenizer.json"), &tok_json)?;
+    for name in ["vocab.txt", "special_tokens_map.json"] {
+        let src = frozen.text_encoder.join(name);
+        if src.is_file() {
+            let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+            let dst = tok.join(name);
+            crate::io::atomic::write_atomic(&dst, |w| {
+                std::io::Write::write_all(w, &bytes).map_err(|e| Error::io(&dst, e))
+            })?;
+        }
+    }
+    write_json(
+        &tok.join("tokenizer_config.json"),
+        &serde_json::json!({
+            "tokenizer_class": "BertTokenizer",
+            "do_lower_case": true,
+            "model_max_length": recipe.max_text_tokens,
+            "cls_token": "[CLS]",
+            "sep_token": "[SEP]",
+            "pad_token": "[PAD]",
+            "unk_token": "[UNK]",
+            "mask_token": "[MASK]",
+            "tokenize_chinese_chars": true,
+            "strip_accents": null,
+            "clean_up_tokenization_spaces": true,
+        }),
+    )?;
+
+    write_json(
+        &dir.join(PROMPTING_JSON),
+        &super::to_json(&PromptingConfig {
+            styles: styles.to_vec(),
+            style_template: recipe.style_template.clone(),
+            guidance_scale: recipe.guidance_scale,
+            num_inference_steps: recipe.sample_steps,
+        })?,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn style_names_and_prompts() {
+        assert_eq!(style_name("noto-64"), "noto");
+        assert_eq!(style_name("Twemoji-64"), "twemoji");
+        assert_eq!(style_name("sketches"), "sketches");
+        assert_eq!(
+            styled_prompt("{caption}, {style} style", "elephant", "noto"),
+            "elephant, noto style"
+        );
+    }
+}
