@@ -11,11 +11,36 @@ use ensueno::schedulers::SchedulerKind;
 
 use crate::generate::{parse_scheduler, pick_device, DeviceArg};
 
+/// `ensueno eval --model DIR ...` (class-conditional models) or
+/// `ensueno eval text2image ...`.
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct EvalCommand {
+    #[command(subcommand)]
+    kind: Option<EvalKind>,
+    #[command(flatten)]
+    classes: EvalArgs,
+}
+
+#[derive(clap::Subcommand)]
+enum EvalKind {
+    /// Text-to-image retrieval: generate for training captions and unseen paraphrases, and check
+    /// that the nearest real image (of all, per style) is the one named (top-1 / top-5).
+    Text2image(crate::eval_text2image::Text2ImageEvalArgs),
+}
+
+pub fn run(command: EvalCommand) -> Result<()> {
+    match command.kind {
+        Some(EvalKind::Text2image(args)) => crate::eval_text2image::run(args),
+        None => run_classes(command.classes),
+    }
+}
+
 #[derive(Args)]
 pub struct EvalArgs {
     /// The class-conditional model to score (a folder written by `ensueno train`).
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// The scoring classifier: the shared MNIST classifier (mnist.safetensors) or a folder written by
     /// `ensueno train classifier` (models/fashion-mnist-classifier). Default: $ENSUENO_CLASSIFIER.
     #[arg(long, env = "ENSUENO_CLASSIFIER")]
@@ -47,7 +72,10 @@ pub struct EvalArgs {
     device: Option<DeviceArg>,
 }
 
-pub fn run(args: EvalArgs) -> Result<()> {
+fn run_classes(args: EvalArgs) -> Result<()> {
+    let Some(model_dir) = &args.model else {
+        bail!("no model: pass --model DIR (a class-conditional model), or use `ensueno eval text2image`");
+    };
     let Some(classifier_path) = &args.classifier else {
         bail!(
             "no classifier: pass --classifier PATH or set ENSUENO_CLASSIFIER (MNIST: the shared \
@@ -55,8 +83,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
         );
     };
     let device = pick_device(args.device)?;
-    let (model, dir) = TrainedModel::load(&args.model, &device)
-        .with_context(|| format!("cannot load --model {}", args.model.display()))?;
+    let (model, dir) = TrainedModel::load(model_dir, &device)
+        .with_context(|| format!("cannot load --model {}", model_dir.display()))?;
     let (classifier, classifier_classes) = ensueno::eval::load_classifier(classifier_path, &device)
         .with_context(|| format!("cannot load --classifier {}", classifier_path.display()))?;
     let names = model.class_names().to_vec();

@@ -11,7 +11,12 @@ use ensueno::io::model_folder::ModelFolder;
 use ensueno::io::npy::read_npy;
 use ensueno::io::png_info::{save_png_with_parameters, PngParameters};
 use ensueno::models::autoencoder_tiny::AutoencoderTiny;
-use ensueno::pipelines::{GenerationInputs, GenerationRequest, Limits, StableDiffusionPipeline};
+use ensueno::io::animation::save_gif;
+use ensueno::pipelines::prompting::{no_styles_error, PromptingConfig};
+use ensueno::pipelines::stable_diffusion::Vae;
+use ensueno::pipelines::{
+    default_model_dir, GenerationInputs, GenerationRequest, Limits, StableDiffusionPipeline,
+};
 use ensueno::schedulers::SchedulerKind;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -20,18 +25,22 @@ pub struct GenerateArgs {
     /// What to draw.
     prompt: String,
     /// A diffusers model folder or a Hugging Face repo id (e.g. runwayml/stable-diffusion-v1-5).
-    /// Defaults to $ENSUENO_MODEL.
+    /// Default: $ENSUENO_MODEL, else ensueno's own model (models/emoji-text2image).
     #[arg(long, env = "ENSUENO_MODEL")]
     model: Option<String>,
+    /// An art style the model knows (ensueno's own model: noto or twemoji); added to the prompt
+    /// as the model was trained ("PROMPT, noto style").
+    #[arg(long)]
+    style: Option<String>,
     /// What the image should not show.
     #[arg(long, default_value = "")]
     negative_prompt: String,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 25)]
-    steps: usize,
-    /// Classifier-free guidance scale (1 turns guidance off).
-    #[arg(long, default_value_t = 7.5)]
-    guidance_scale: f64,
+    /// Denoising steps (default: the model's, else 25).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale, 1 turns guidance off (default: the model's, else 7.5).
+    #[arg(long)]
+    guidance_scale: Option<f64>,
     /// Sampler: ddim, ddpm, euler, euler-a, dpm++2m, dpm++2m-karras.
     #[arg(long, default_value = "dpm++2m", value_parser = parse_scheduler)]
     scheduler: SchedulerKind,
@@ -66,6 +75,9 @@ pub struct GenerateArgs {
     /// Write a preview of the image forming to this PNG after every step.
     #[arg(long)]
     preview: Option<PathBuf>,
+    /// Write the denoising steps as an animated GIF (the first image of a batch).
+    #[arg(long)]
+    save_progress: Option<PathBuf>,
     /// TAESD decoder for previews: a taesd_decoder.safetensors file (default: a fast colour approximation).
     #[arg(long)]
     taesd: Option<PathBuf>,
@@ -105,11 +117,40 @@ pub fn parse_scheduler(s: &str) -> std::result::Result<SchedulerKind, String> {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
+    // Where the model is and its prompt conventions: cheap, before any weights.
+    let root = match args.model.as_deref() {
+        Some(model) => resolve_model(model)?,
+        None => default_model_dir().context(
+            "no --model given and ensueno's own model is missing (it ships in the repository's models/)",
+        )?,
+    };
+    let prompting = PromptingConfig::load(&root)?;
+    let prompt = match (&args.style, &prompting) {
+        (None, _) => args.prompt.clone(),
+        (Some(style), Some(p)) => p.apply_style(&args.prompt, style)?,
+        (Some(_), None) => return Err(no_styles_error(&root.display().to_string()).into()),
+    };
+    if prompt.trim().is_empty() {
+        eprintln!("note: the prompt is empty: this draws an unconditional sample");
+    }
+    if let Some(path) = &args.save_progress {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some(e) if e.eq_ignore_ascii_case("gif") => {}
+            _ => bail!("--save-progress must be a .gif file, got {}", path.display()),
+        }
+    }
+    let defaults = GenerationRequest::new("");
     let request = GenerationRequest {
-        prompt: args.prompt.clone(),
+        prompt,
         negative_prompt: args.negative_prompt.clone(),
-        steps: args.steps,
-        guidance_scale: args.guidance_scale,
+        steps: args
+            .steps
+            .or(prompting.as_ref().map(|p| p.num_inference_steps))
+            .unwrap_or(defaults.steps),
+        guidance_scale: args
+            .guidance_scale
+            .or(prompting.as_ref().map(|p| p.guidance_scale))
+            .unwrap_or(defaults.guidance_scale),
         scheduler: args.scheduler,
         width: args.width,
         height: args.height,
@@ -157,11 +198,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .transpose()
         .context("cannot read --latents")?;
 
-    let model = args.model.as_deref().context(
-        "no model given: pass --model with a diffusers folder or a Hugging Face repo id \
-         (e.g. --model runwayml/stable-diffusion-v1-5), or set ENSUENO_MODEL",
-    )?;
-    let root = resolve_model(model)?;
     let folder = ModelFolder::open(
         &root,
         &["text_encoder", "tokenizer", "unet", "vae", "scheduler"],
@@ -188,7 +224,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut preview_error = None;
+    let mut frames = Vec::new();
     let mut on_step = |p: &ensueno::pipelines::StepProgress| {
+        if args.save_progress.is_some() {
+            let latents = p.pred_original.unwrap_or(p.latents);
+            match progress_frame(&pipeline, previewer.as_ref(), latents) {
+                Ok(frame) => frames.push(frame),
+                Err(e) => {
+                    preview_error.get_or_insert(e);
+                }
+            }
+        }
         bar.set_length(p.total_steps as u64);
         bar.set_position(p.step as u64);
         if let (Some(path), Some(previewer)) = (&args.preview, &previewer) {
@@ -224,6 +270,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     for w in &output.warnings {
         eprintln!("warning: {w}");
     }
+    if let Some(path) = &args.save_progress {
+        if let Some(last) = output.images.first() {
+            frames.push(last.clone());
+        }
+        save_gif(path, &frames, 120, 1500, 4)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("wrote {} ({} frames)", path.display(), frames.len());
+    }
     for ((img, seed), path) in output.images.iter().zip(&output.seeds).zip(&outputs) {
         let params = PngParameters {
             prompt: request.prompt.clone(),
@@ -242,6 +296,22 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         eprintln!("wrote {} (seed {seed})", path.display());
     }
     Ok(())
+}
+
+/// One frame of the denoising animation: the model's own VAE when it is the
+/// cheap TAESD, else the preview decoder (colour approximation or --taesd).
+fn progress_frame(
+    pipeline: &StableDiffusionPipeline,
+    previewer: Option<&ensueno::pipelines::latent_preview::LatentPreviewer>,
+    latents: &candle_core::Tensor,
+) -> Result<image::RgbImage> {
+    let first = latents.narrow(0, 0, 1)?;
+    let images = match (&pipeline.vae, previewer) {
+        (Vae::Tiny(_), _) => pipeline.decode_latents(&first)?,
+        (_, Some(p)) => p.preview(&first)?,
+        (_, None) => StableDiffusionPipeline::previewer(None).preview(&first)?,
+    };
+    images.into_iter().next().context("empty preview")
 }
 
 fn rand_seed() -> u64 {

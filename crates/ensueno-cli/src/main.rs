@@ -2,6 +2,7 @@
 
 mod data;
 mod eval;
+mod eval_text2image;
 mod export;
 mod generate;
 mod sample;
@@ -34,8 +35,8 @@ enum Command {
     Train(train::TrainCommand),
     /// Sample a model trained by `ensueno train` (a class, a prompt naming a class, or unconditional).
     Sample(sample::SampleArgs),
-    /// Score a class-conditional model: classifier accuracy and classifier-FID against real data.
-    Eval(eval::EvalArgs),
+    /// Score a model: class-conditional (classifier accuracy, classifier-FID) or `eval text2image` (retrieval).
+    Eval(eval::EvalCommand),
     /// Copy a trained model folder, converting its weights (e.g. --dtype f16).
     Export(export::ExportArgs),
     /// Datasets: `ensueno data fetch mnist|fashion-mnist`.

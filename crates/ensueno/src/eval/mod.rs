@@ -9,5 +9,6 @@ pub use fid::{frechet_distance, FeatureStats};
 pub use mnist_classifier::{accuracy, MnistClassifier};
 pub mod classifier_folder;
 pub mod generative;
+pub mod retrieval;
 
 pub use classifier_folder::{load_classifier, ClassifierConfig, CLASSIFIER_WEIGHTS};

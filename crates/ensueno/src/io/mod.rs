@@ -1,6 +1,7 @@
 //! Reading and writing: diffusers model folders and the hub, safetensors
 //! checkpoints, `.npy` arrays, images with their generation parameters.
 
+pub mod animation;
 pub mod atomic;
 pub mod hub;
 pub mod images;

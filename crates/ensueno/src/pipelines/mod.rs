@@ -7,6 +7,7 @@
 pub mod default_model;
 pub mod latent_preview;
 pub mod pixel_diffusion;
+pub mod prompting;
 pub mod request;
 pub mod stable_diffusion;
 pub mod text_encoder;

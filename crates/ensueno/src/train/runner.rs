@@ -327,6 +327,9 @@ pub fn train(
         let seconds = t0.elapsed().as_secs_f64();
         state.epoch_seconds.push(seconds);
         state.epoch = epoch + 1;
+        // Export first, so end-of-epoch samples can come from the model
+        // exactly as `sample`/`generate` will load it.
+        checkpoint::write_dir_atomic(&model_dir, |tmp| task.save_model(tmp))?;
         task.end_of_epoch(&EpochContext {
             epoch,
             epochs: options.epochs,
@@ -342,7 +345,6 @@ pub fn train(
         });
         write_curves(output, &names, &state.history, state.epoch)?;
         let dir = checkpoint::save(output, task, &state, options.keep_checkpoints)?;
-        checkpoint::write_dir_atomic(&model_dir, |tmp| task.save_model(tmp))?;
         on_event(&TrainEvent::Checkpoint { dir: &dir });
     }
     if !model_dir.exists() {

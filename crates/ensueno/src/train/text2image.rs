@@ -34,6 +34,7 @@ use crate::io::atomic::write_json;
 use crate::models::autoencoder_tiny::AutoencoderTiny;
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::ops::adamw::AdamW;
+pub use crate::pipelines::prompting::{styled_prompt, PromptingConfig, PROMPTING_JSON};
 use crate::pipelines::text_encoder::TextEncoder;
 use crate::schedulers::SchedulerConfig;
 use crate::{Error, Result};
@@ -132,13 +133,6 @@ pub fn style_name(source: &str) -> String {
         _ => base.to_string(),
     }
     .to_lowercase()
-}
-
-/// The prompt of a caption in a style.
-pub fn styled_prompt(template: &str, caption: &str, style: &str) -> String {
-    template
-        .replace("{caption}", caption)
-        .replace("{style}", style)
 }
 
 /// Where the frozen parts come from.
@@ -506,19 +500,6 @@ fn tile(images: &[image::RgbImage], columns: usize) -> image::RgbImage {
         image::imageops::replace(&mut out, img, x as i64, y as i64);
     }
     out
-}
-
-/// The file beside `model_index.json` with ensueno's prompt conventions
-/// (styles, template, sampling defaults); diffusers ignores it.
-pub const PROMPTING_JSON: &str = "prompting.json";
-
-/// What [`PROMPTING_JSON`] holds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PromptingConfig {
-    pub styles: Vec<String>,
-    pub style_template: String,
-    pub guidance_scale: f64,
-    pub num_inference_steps: usize,
 }
 
 /// Writes a diffusers `StableDiffusionPipeline` folder: the trained UNet,
