@@ -39,7 +39,7 @@ import zlib
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from diffusers import (
     AutoencoderTiny,
     DDIMScheduler,
@@ -220,6 +220,12 @@ def build():
         norm_num_groups=8,
     ).eval()
     reinit(unet, 2, std=0.08)
+    # The UNet is stored in half precision (as most SD checkpoints are) to
+    # keep the fixture small; the reference computes in f32 from exactly
+    # those values, as ensueno does.
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.copy_(p.half().float())
 
     vae = AutoencoderTiny(
         encoder_block_out_channels=(8, 8, 8, 8),
@@ -236,6 +242,9 @@ def build():
     write_tokenizer(os.path.join(MODEL, "tokenizer"))
     calibrate_decoder(vae, sample_latents(text_encoder, unet, vae))
     unet.save_pretrained(os.path.join(MODEL, "unet"), safe_serialization=True)
+    path = os.path.join(MODEL, "unet", "diffusion_pytorch_model.safetensors")
+    tensors = {k: v.half().contiguous() for k, v in load_file(path).items()}
+    save_file(tensors, path, metadata={"format": "pt"})
     vae.save_pretrained(os.path.join(MODEL, "vae"), safe_serialization=True)
     text_encoder.save_pretrained(os.path.join(MODEL, "text_encoder"), safe_serialization=True)
     te_config_path = os.path.join(MODEL, "text_encoder", "config.json")
@@ -283,7 +292,8 @@ SCHEDULERS = {
 
 CASES = [
     # name, use_attention_mask, scheduler, prompt, negative, steps, guidance, batch, (height, width)
-    ("dpm2m", True, "dpm++2m", "a red apple", "", 8, 7.5, 1, (64, 64)),
+    # (height, width) None: the model's default size, sample_size * 8 = 64.
+    ("dpm2m", True, "dpm++2m", "a red apple", "", 8, 7.5, 1, None),
     ("dpm2m_empty_prompt", True, "dpm++2m", "", "", 6, 7.5, 1, (32, 32)),
     ("euler_long_prompt", True, "euler", LONG, "lazy dog", 6, 6.0, 1, (32, 32)),
     ("ddim_noguidance", True, "ddim", "an elephant", "", 6, 1.0, 1, (32, 32)),
@@ -326,13 +336,17 @@ def case_entry(name, mask, sched, prompt, negative, steps, guidance, batch, h, w
         "width": w,
         "clip_skip": 0,
         "strength": strength,
+        "default_size": False,
     }
 
 
 def txt2img(pipes):
     cases = []
-    for name, mask, sched, prompt, negative, steps, guidance, batch, (h, w) in CASES:
+    for name, mask, sched, prompt, negative, steps, guidance, batch, size in CASES:
         pipe = pipes[mask]
+        default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        assert default == 64, default
+        h, w = size or (default, default)
         pipe.scheduler = SCHEDULERS[sched](SCHEDULER_CONFIG)
         g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
         latents = torch.randn((batch, 4, h // 8, w // 8), generator=g, dtype=torch.float32)
@@ -343,14 +357,15 @@ def txt2img(pipes):
                 negative_prompt=negative if guidance > 1 else None,
                 num_inference_steps=steps,
                 guidance_scale=guidance,
-                height=h,
-                width=w,
+                height=size and h,
+                width=size and w,
                 num_images_per_prompt=batch,
                 latents=latents,
                 output_type="np",
             ).images
         save_images(name, out)
         cases.append(case_entry(name, mask, sched, prompt, negative, steps, guidance, batch, h, w))
+        cases[-1]["default_size"] = size is None
     return cases
 
 

@@ -52,6 +52,8 @@ struct Case {
     width: usize,
     clip_skip: usize,
     strength: f64,
+    /// Generated at the model's default size (diffusers was given no size).
+    default_size: bool,
 }
 
 fn fixtures() -> PathBuf {
@@ -249,6 +251,7 @@ fn txt2img_matches_diffusers() {
     let index = index();
     assert!(index.cases.len() >= 8);
     assert!(index.cases.iter().any(|c| !c.use_attention_mask));
+    assert!(index.cases.iter().any(|c| c.default_size));
     let mut report = Vec::new();
     for case in &index.cases {
         let (pipeline, _tmp) = load(case);
@@ -261,7 +264,10 @@ fn txt2img_matches_diffusers() {
         let mut last = None;
         let out = pipeline
             .generate(
-                &request(case, Some((case.width, case.height))),
+                &request(
+                    case,
+                    (!case.default_size).then_some((case.width, case.height)),
+                ),
                 GenerationInputs {
                     latents: Some(latents),
                     ..Default::default()
