@@ -11,8 +11,11 @@ Builds crates/ensueno/tests/fixtures/pipeline/tiny-bert-taesd/:
                 save_pipeline_folder does), a vocab.txt derived from it and a
                 tokenizer_config.json with model_max_length 16;
   unet:         UNet2DConditionModel (DownBlock2D + CrossAttnDownBlock2D,
-                cross_attention_dim 32), reinitialised;
-  vae:          AutoencoderTiny with 8 channels and one block per level;
+                block_out_channels (16, 32), cross_attention_dim 32),
+                reinitialised, weights stored in f16 (fixture size);
+  vae:          AutoencoderTiny with 8 channels and one block per level,
+                He-initialised, its last conv rescaled so that generated
+                latents decode mostly inside [-1, 1] (few clamped pixels);
   scheduler:    DPMSolverMultistepScheduler (scaled_linear 0.00085..0.012,
                 "leading" spacing, steps_offset 1, dpmsolver++, order 2).
 Then loads that folder back with diffusers' StableDiffusionPipeline.from_pretrained
@@ -24,8 +27,11 @@ array). Cases marked use_attention_mask=false are run on a copy of the folder
 whose text_encoder/config.json says "use_attention_mask": false (the Rust test
 makes the same copy), so both of diffusers' encode_prompt paths are covered.
 
-Saves the float images diffusers returns (output_type="np") and the 8-bit
-images it would write, in the format of scripts/golden/pipeline.py.
+Saves, next to the folder, bert_<case>.latents.npy / .noise.npy (inputs),
+bert_<case>.expected.safetensors (the float images diffusers returns with
+output_type="np", NCHW f32, and the 8-bit images it would write, uint8),
+bert_init.png (the img2img input) and bert_cases.json (cases and versions).
+Deterministic: a rerun rewrites identical bytes.
 
 Run from the repository root:
     /root/venvs/ensueno/bin/python scripts/golden/pipeline_bert.py

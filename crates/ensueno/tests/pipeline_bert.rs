@@ -376,6 +376,7 @@ fn unknown_text_encoder_class_is_a_clear_error() {
         m["text_encoder"] = serde_json::json!(["transformers", "T5EncoderModel"]);
     });
     let e = load_err(tmp.path());
+    eprintln!("{e}");
     assert!(
         e.contains("T5EncoderModel") && e.contains("text encoder"),
         "{e}"
@@ -388,16 +389,29 @@ fn unknown_vae_class_is_a_clear_error() {
         m["vae"] = serde_json::json!(["diffusers", "VQModel"]);
     });
     let e = load_err(tmp.path());
+    eprintln!("{e}");
     assert!(e.contains("VQModel") && e.contains("VAE"), "{e}");
 }
 
 #[test]
-fn zero_model_max_length_is_a_clear_error() {
+fn bad_model_max_length_is_a_clear_error() {
     let tmp = edited_copy("tokenizer/tokenizer_config.json", |c| {
         c["model_max_length"] = 0.into();
     });
     let e = load_err(tmp.path());
+    eprintln!("{e}");
     assert!(e.contains("model_max_length"), "{e}");
+    // Longer than BERT's position table (64 in the fixture): refused too,
+    // rather than failing inside the embedding lookup at generation time.
+    let tmp = edited_copy("tokenizer/tokenizer_config.json", |c| {
+        c["model_max_length"] = 100.into();
+    });
+    let e = load_err(tmp.path());
+    eprintln!("{e}");
+    assert!(
+        e.contains("model_max_length") && e.contains("max_position_embeddings"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -416,5 +430,6 @@ fn clip_skip_with_bert_is_a_clear_error() {
         Ok(_) => panic!("clip_skip 1 with a BERT encoder should fail"),
         Err(e) => e.to_string(),
     };
+    eprintln!("{e}");
     assert!(e.contains("clip_skip") && e.contains("BERT"), "{e}");
 }
