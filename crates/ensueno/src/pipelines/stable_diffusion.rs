@@ -427,7 +427,8 @@ impl StableDiffusionPipeline {
                     // Each image of the batch samples the posterior with its own generator.
                     None => self.draw_noise(generators, (c, h, w))?,
                 };
-                dist.mean().broadcast_add(&(eps.broadcast_mul(dist.std()))?)?
+                dist.mean()
+                    .broadcast_add(&(eps.broadcast_mul(dist.std()))?)?
             }
             // TAESD's encoder is deterministic: no posterior to sample.
             Vae::Tiny(vae) => vae.encode(&x)?,
@@ -454,9 +455,7 @@ impl StableDiffusionPipeline {
     }
 
     /// A previewer for this model: TAESD when given, else the linear map.
-    pub fn previewer(
-        taesd: Option<AutoencoderTiny>,
-    ) -> LatentPreviewer {
+    pub fn previewer(taesd: Option<AutoencoderTiny>) -> LatentPreviewer {
         match taesd {
             Some(t) => LatentPreviewer::Taesd(Box::new(t)),
             None => LatentPreviewer::Linear,
