@@ -5,13 +5,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
+use ensueno::io::animation::save_gif;
 use ensueno::io::hub::resolve_model;
 use ensueno::io::images::load_image;
 use ensueno::io::model_folder::ModelFolder;
 use ensueno::io::npy::read_npy;
 use ensueno::io::png_info::{save_png_with_parameters, PngParameters};
 use ensueno::models::autoencoder_tiny::AutoencoderTiny;
-use ensueno::io::animation::save_gif;
 use ensueno::pipelines::prompting::{no_styles_error, PromptingConfig};
 use ensueno::pipelines::stable_diffusion::Vae;
 use ensueno::pipelines::{
@@ -136,7 +136,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if let Some(path) = &args.save_progress {
         match path.extension().and_then(|e| e.to_str()) {
             Some(e) if e.eq_ignore_ascii_case("gif") => {}
-            _ => bail!("--save-progress must be a .gif file, got {}", path.display()),
+            _ => bail!(
+                "--save-progress must be a .gif file, got {}",
+                path.display()
+            ),
         }
     }
     let defaults = GenerationRequest::new("");

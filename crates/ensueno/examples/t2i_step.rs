@@ -39,8 +39,15 @@ fn main() -> ensueno::Result<()> {
         );
     }
     let t0 = Instant::now();
-    let y = unet.forward(&x.narrow(0, 0, 2)?, &t.narrow(0, 0, 2)?, &ctx.narrow(0, 0, 2)?)?;
+    let y = unet.forward(
+        &x.narrow(0, 0, 2)?,
+        &t.narrow(0, 0, 2)?,
+        &ctx.narrow(0, 0, 2)?,
+    )?;
     let _ = y.sum_all()?.to_scalar::<f32>()?;
-    println!("inference forward (batch 2): {:.4} s", t0.elapsed().as_secs_f64());
+    println!(
+        "inference forward (batch 2): {:.4} s",
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }

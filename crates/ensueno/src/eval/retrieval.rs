@@ -163,7 +163,9 @@ pub fn build_cases(
             .filter(|&i| data.sources.get(i).map(|s| style_of(s)).as_deref() == Some(style))
             .collect();
         if members.is_empty() {
-            return Err(Error::invalid(format!("no images of style {style} in the data")));
+            return Err(Error::invalid(format!(
+                "no images of style {style} in the data"
+            )));
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut order = members.clone();
@@ -298,7 +300,8 @@ mod tests {
             short_name_paraphrases("pile of poo", &meta),
             vec!["hankey", "poop"]
         );
-        let meta = serde_json::json!({"short_names": ["male-doctor"], "skin_tone": "dark skin tone"});
+        let meta =
+            serde_json::json!({"short_names": ["male-doctor"], "skin_tone": "dark skin tone"});
         assert_eq!(
             short_name_paraphrases("man health worker, dark skin tone", &meta),
             vec!["male doctor, dark skin tone"]
@@ -377,7 +380,9 @@ pub fn evaluate(
         let target = members
             .iter()
             .position(|&i| i == case.index)
-            .ok_or_else(|| Error::invalid(format!("{} is not of style {}", case.key, case.style)))?;
+            .ok_or_else(|| {
+                Error::invalid(format!("{} is not of style {}", case.key, case.style))
+            })?;
         let rank = rank_of(&image_features(&img)?, features, target);
         results.push(RetrievalResult {
             case: case.clone(),

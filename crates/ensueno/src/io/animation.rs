@@ -37,7 +37,11 @@ pub fn save_gif(
                 image::imageops::FilterType::Nearest,
             );
             let rgba: RgbaImage = image::DynamicImage::ImageRgb8(big).to_rgba8();
-            let ms = if i + 1 == frames.len() { hold_ms } else { delay_ms };
+            let ms = if i + 1 == frames.len() {
+                hold_ms
+            } else {
+                delay_ms
+            };
             encoder
                 .encode_frame(Frame::from_parts(
                     rgba,
@@ -64,8 +68,7 @@ mod tests {
             .collect();
         save_gif(&path, &frames, 100, 1000, 2).unwrap();
         let file = std::fs::File::open(&path).unwrap();
-        let decoder =
-            image::codecs::gif::GifDecoder::new(std::io::BufReader::new(file)).unwrap();
+        let decoder = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(file)).unwrap();
         let decoded = image::AnimationDecoder::into_frames(decoder)
             .collect_frames()
             .unwrap();

@@ -79,7 +79,10 @@ mod tests {
         let out = ln.forward(xv.as_tensor())?;
         let diff = (out - &fused)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "composite vs fused: {diff}");
-        let grads = (ln.forward(xv.as_tensor())? * 3.)?.sqr()?.sum_all()?.backward()?;
+        let grads = (ln.forward(xv.as_tensor())? * 3.)?
+            .sqr()?
+            .sum_all()?
+            .backward()?;
         for v in [&xv, &wv, &bv] {
             let g = grads.get(v.as_tensor()).expect("a gradient");
             assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.);

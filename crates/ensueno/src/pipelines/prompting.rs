@@ -38,7 +38,8 @@ impl PromptingConfig {
             return Ok(None);
         }
         let config: Self = crate::io::model_folder::read_json(&path)?;
-        if !config.style_template.contains("{caption}") || !config.style_template.contains("{style}")
+        if !config.style_template.contains("{caption}")
+            || !config.style_template.contains("{style}")
         {
             return Err(Error::Config {
                 path,
@@ -82,7 +83,10 @@ mod tests {
             guidance_scale: 4.0,
             num_inference_steps: 20,
         };
-        assert_eq!(p.apply_style(" elephant ", "Noto").unwrap(), "elephant, noto style");
+        assert_eq!(
+            p.apply_style(" elephant ", "Noto").unwrap(),
+            "elephant, noto style"
+        );
         let e = p.apply_style("elephant", "cubism").unwrap_err().to_string();
         assert!(e.contains("cubism") && e.contains("noto, twemoji"), "{e}");
     }

@@ -115,11 +115,14 @@ impl Text2ImageConfig {
                 "the UNet must have 4 input and output channels (TAESD latents)",
             ));
         }
-        crate::models::config_defaults::check_positive("text2image", &[
-            ("training.epochs", self.training.epochs),
-            ("training.batch_size", self.training.batch_size),
-            ("recipe.sample_steps", r.sample_steps),
-        ])?;
+        crate::models::config_defaults::check_positive(
+            "text2image",
+            &[
+                ("training.epochs", self.training.epochs),
+                ("training.batch_size", self.training.batch_size),
+                ("recipe.sample_steps", r.sample_steps),
+            ],
+        )?;
         Ok(())
     }
 }
@@ -213,14 +216,16 @@ impl Text2ImageTask {
             )));
         }
 
-        let text_encoder =
-            TextEncoder::bert_from_dir(&frozen.text_encoder, recipe.max_text_tokens, device, DType::F32)?;
+        let text_encoder = TextEncoder::bert_from_dir(
+            &frozen.text_encoder,
+            recipe.max_text_tokens,
+            device,
+            DType::F32,
+        )?;
         let cross = text_encoder.hidden_size();
         let unet_cross = match &config.unet.cross_attention_dim {
             crate::models::unet_2d_condition::OneOrMany::One(d) => *d,
-            crate::models::unet_2d_condition::OneOrMany::Many(v) => {
-                v.first().copied().unwrap_or(0)
-            }
+            crate::models::unet_2d_condition::OneOrMany::Many(v) => v.first().copied().unwrap_or(0),
         };
         if unet_cross != cross {
             return Err(Error::invalid(format!(
@@ -267,7 +272,11 @@ impl Text2ImageTask {
             let refs: Vec<&str> = part.iter().map(String::as_str).collect();
             let (hidden, _) = text_encoder.encode(&refs, 0)?;
             states.push(hidden);
-            on_progress((i * chunk + part.len()).min(prompts.len()), prompts.len(), "prompts");
+            on_progress(
+                (i * chunk + part.len()).min(prompts.len()),
+                prompts.len(),
+                "prompts",
+            );
         }
         let text_states = Tensor::cat(&states, 0)?;
         drop(text_encoder);
@@ -283,12 +292,17 @@ impl Text2ImageTask {
         for (i, idx) in all.chunks(chunk).enumerate() {
             let x = data.batch_images(idx, device)?.affine(2., -1.)?;
             latents.push(taesd.encode(&x)?);
-            on_progress((i * chunk + idx.len()).min(data.len()), data.len(), "images");
+            on_progress(
+                (i * chunk + idx.len()).min(data.len()),
+                data.len(),
+                "images",
+            );
         }
         let latents = Tensor::cat(&latents, 0)?;
 
         let params = ParamStore::new(seed);
-        let model = UNet2DConditionModel::new(params.var_builder(DType::F32, device), &config.unet)?;
+        let model =
+            UNet2DConditionModel::new(params.var_builder(DType::F32, device), &config.unet)?;
         let vars = params.vars().into_iter().map(|(_, v)| v).collect();
         let opt = AdamW::new(
             vars,
@@ -299,10 +313,8 @@ impl Text2ImageTask {
             },
         )?;
         let ema = Ema::new(&params, recipe.ema_decay)?;
-        let schedule = crate::schedulers::betas::NoiseSchedule::from_config(
-            &scheduler_config(recipe),
-            false,
-        )?;
+        let schedule =
+            crate::schedulers::betas::NoiseSchedule::from_config(&scheduler_config(recipe), false)?;
         let sqrt_ab = schedule.alphas_cumprod.iter().map(|a| a.sqrt()).collect();
         let sqrt_1m_ab = schedule
             .alphas_cumprod
