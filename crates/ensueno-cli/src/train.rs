@@ -318,11 +318,7 @@ fn train_text2image(args: Text2ImageArgs) -> Result<()> {
     let config = Text2ImageConfig::from_file(&args.config)?;
     let device = pick_device(args.device)?;
     let path = data::resolve_data_path(args.data.as_deref(), "emoji")?;
-    let options = LoadOptions {
-        background: config.recipe.background,
-        ..LoadOptions::default()
-    };
-    let data = data::open(&path, &options)
+    let data = data::open(&path, &config.recipe.load_options())
         .with_context(|| format!("cannot load the data in {}", path.display()))?;
     let run = &config.training;
     let options = TrainOptions {

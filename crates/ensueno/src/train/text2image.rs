@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use super::{prefixed, strip_prefix, Batch, Ema, EpochContext, ParamStore, StepContext, TrainTask};
 use crate::data::ImageDataset;
 use crate::io::atomic::write_json;
-use crate::models::autoencoder_tiny::AutoencoderTiny;
+use crate::models::autoencoder_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::ops::adamw::AdamW;
 pub use crate::pipelines::prompting::{styled_prompt, PromptingConfig, PROMPTING_JSON};
@@ -80,6 +80,10 @@ pub struct Text2ImageRecipe {
     pub max_text_tokens: usize,
     /// The colour transparent pixels are composited on.
     pub background: [u8; 3],
+    /// Side in pixels every image is resized to (a multiple of 8); absent:
+    /// the images must already share one size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<usize>,
     /// How a style is named in prompts: `"{caption}, {style} style"`.
     pub style_template: String,
     /// Sampling defaults of the saved model.
@@ -110,6 +114,9 @@ impl Text2ImageConfig {
                 "style_template must contain {caption} and {style}",
             ));
         }
+        if r.resolution.is_some_and(|v| v == 0 || v % 8 != 0) {
+            return Err(Error::invalid("resolution must be a positive multiple of 8"));
+        }
         if self.unet.in_channels != 4 || self.unet.out_channels != 4 {
             return Err(Error::invalid(
                 "the UNet must have 4 input and output channels (TAESD latents)",
@@ -138,6 +145,17 @@ pub fn style_name(source: &str) -> String {
     .to_lowercase()
 }
 
+impl Text2ImageRecipe {
+    /// How the training images are loaded.
+    pub fn load_options(&self) -> crate::data::LoadOptions {
+        crate::data::LoadOptions {
+            background: self.background,
+            size: self.resolution.map(|r| (r, r)),
+            ..crate::data::LoadOptions::default()
+        }
+    }
+}
+
 /// Where the frozen parts come from.
 #[derive(Debug, Clone)]
 pub struct FrozenParts {
@@ -146,6 +164,66 @@ pub struct FrozenParts {
     pub text_encoder: PathBuf,
     /// A folder with `taesd_encoder.safetensors` and `taesd_decoder.safetensors`.
     pub taesd: PathBuf,
+}
+
+const TAESD_ENCODER: &str = "taesd_encoder.safetensors";
+const TAESD_DECODER: &str = "taesd_decoder.safetensors";
+
+impl FrozenParts {
+    /// madebyollin's two files, or else a diffusers `AutoencoderTiny` folder.
+    fn has_taesd_files(&self) -> bool {
+        self.taesd.join(TAESD_ENCODER).is_file() && self.taesd.join(TAESD_DECODER).is_file()
+    }
+
+    fn check_vae_dir(&self) -> Result<()> {
+        if self.has_taesd_files() || self.taesd.join("config.json").is_file() {
+            Ok(())
+        } else {
+            Err(Error::Model {
+                path: self.taesd.clone(),
+                message: format!(
+                    "not a TAESD folder: expected {TAESD_ENCODER} and {TAESD_DECODER} \
+                     (madebyollin/taesd), or a diffusers AutoencoderTiny folder (config.json + weights)"
+                ),
+            })
+        }
+    }
+
+    /// The frozen autoencoder, with its encoder, in f32.
+    pub fn load_vae(&self, device: &Device) -> Result<AutoencoderTiny> {
+        self.check_vae_dir()?;
+        if self.has_taesd_files() {
+            return AutoencoderTiny::from_taesd_files(
+                Some(&self.taesd.join(TAESD_ENCODER)),
+                &self.taesd.join(TAESD_DECODER),
+                DType::F32,
+                device,
+            );
+        }
+        let config = AutoencoderTinyConfig::from_file(&self.taesd.join("config.json"))?;
+        let files = crate::io::model_folder::component_weight_files(&self.taesd)?;
+        let vb = crate::io::model_folder::var_builder_from_files(&files, DType::F32, device)?;
+        crate::io::model_folder::in_component(&self.taesd, AutoencoderTiny::new(vb, &config))
+    }
+
+    /// The autoencoder's tensors under diffusers' names, and its config.
+    fn vae_tensors(&self) -> Result<(Vec<(String, Tensor)>, AutoencoderTinyConfig)> {
+        self.check_vae_dir()?;
+        if self.has_taesd_files() {
+            let tensors = crate::models::autoencoder_tiny::taesd_diffusers_tensors(
+                &self.taesd.join(TAESD_ENCODER),
+                &self.taesd.join(TAESD_DECODER),
+            )?;
+            return Ok((tensors, AutoencoderTinyConfig::default()));
+        }
+        let config = AutoencoderTinyConfig::from_file(&self.taesd.join("config.json"))?;
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        for file in crate::io::model_folder::component_weight_files(&self.taesd)? {
+            tensors.extend(crate::io::weights::load_safetensors(&file, &Device::Cpu)?);
+        }
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok((tensors, config))
+    }
 }
 
 /// The `scheduler_config.json` of a model trained with `recipe`: the
@@ -281,12 +359,7 @@ impl Text2ImageTask {
         let text_states = Tensor::cat(&states, 0)?;
         drop(text_encoder);
 
-        let taesd = AutoencoderTiny::from_taesd_files(
-            Some(&frozen.taesd.join("taesd_encoder.safetensors")),
-            &frozen.taesd.join("taesd_decoder.safetensors"),
-            DType::F32,
-            device,
-        )?;
+        let taesd = frozen.load_vae(device)?;
         let mut latents = Vec::with_capacity(data.len().div_ceil(chunk));
         let all: Vec<usize> = (0..data.len()).collect();
         for (i, idx) in all.chunks(chunk).enumerate() {
@@ -569,12 +642,9 @@ pub fn save_pipeline_folder(
     }
     write_json(&sched.join("scheduler_config.json"), &sched_json)?;
 
-    // The VAE: TAESD under diffusers' AutoencoderTiny names.
+    // The VAE under diffusers' AutoencoderTiny names.
     let vae = sub("vae")?;
-    let tensors = crate::models::autoencoder_tiny::taesd_diffusers_tensors(
-        &frozen.taesd.join("taesd_encoder.safetensors"),
-        &frozen.taesd.join("taesd_decoder.safetensors"),
-    )?;
+    let (tensors, vae_config) = frozen.vae_tensors()?;
     crate::io::weights::save_safetensors(
         &vae.join("diffusion_pytorch_model.safetensors"),
         &tensors,
@@ -582,10 +652,7 @@ pub fn save_pipeline_folder(
     )?;
     write_json(
         &vae.join("config.json"),
-        &with_class(
-            super::to_json(&crate::models::autoencoder_tiny::AutoencoderTinyConfig::default())?,
-            "AutoencoderTiny",
-        ),
+        &with_class(super::to_json(&vae_config)?, "AutoencoderTiny"),
     )?;
 
     // The text encoder: BERT's config with the mask flag diffusers reads,

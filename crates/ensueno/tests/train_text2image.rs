@@ -1,0 +1,202 @@
+//! The text-to-image trainer end to end on tiny parts: a 2-layer BERT
+//! (fixtures/bert/tiny), a tiny AutoencoderTiny (fixtures/pipeline/
+//! tiny-bert-taesd/vae) and six 16x16 captioned emoji. Checks that it
+//! trains, that the exported folder is a Stable Diffusion pipeline our
+//! loader generates from (with the style convention it was trained with),
+//! that a resumed run replays the uninterrupted one exactly, and that bad
+//! inputs are refused with clear errors.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use ensueno::data;
+use ensueno::io::model_folder::ModelFolder;
+use ensueno::pipelines::prompting::PromptingConfig;
+use ensueno::pipelines::{GenerationRequest, Limits, StableDiffusionPipeline};
+use ensueno::train::text2image::{FrozenParts, Text2ImageConfig, Text2ImageTask};
+use ensueno::train::{train, TrainOptions};
+
+/// Single-threaded runs repeat to the last bit (see train_vae_gan.rs).
+fn single_thread() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| std::env::set_var("RAYON_NUM_THREADS", "1"));
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn frozen() -> FrozenParts {
+    FrozenParts {
+        text_encoder: fixtures().join("bert/tiny"),
+        taesd: fixtures().join("pipeline/tiny-bert-taesd/vae"),
+    }
+}
+
+fn tiny_config() -> Text2ImageConfig {
+    serde_json::from_value(serde_json::json!({
+        "unet": {
+            "sample_size": 2,
+            "in_channels": 4,
+            "out_channels": 4,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+            "block_out_channels": [16, 32],
+            "layers_per_block": 1,
+            "norm_num_groups": 8,
+            "cross_attention_dim": 32,
+            "attention_head_dim": 2
+        },
+        "recipe": {
+            "num_train_timesteps": 1000,
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "cond_dropout": 0.1,
+            "style_dropout": 0.3,
+            "ema_decay": 0.9,
+            "weight_decay": 0.0,
+            "lr_warmup_steps": 2,
+            "max_text_tokens": 16,
+            "background": [255, 255, 255],
+            "resolution": 16,
+            "style_template": "{caption}, {style} style",
+            "guidance_scale": 3.0,
+            "sample_steps": 4,
+            "preview_prompts": ["elephant"]
+        },
+        "training": {"epochs": 2, "batch_size": 4, "lr": 0.001, "seed": 0}
+    }))
+    .unwrap()
+}
+
+fn emoji6() -> ensueno::data::ImageDataset {
+    let options = tiny_config().recipe.load_options();
+    data::open(&fixtures().join("data/emoji6.tar"), &options).unwrap()
+}
+
+fn run(output: &Path, epochs: usize, resume: bool) -> Vec<Vec<f64>> {
+    let config = tiny_config();
+    let data = emoji6();
+    let mut task = Text2ImageTask::new(
+        config,
+        frozen(),
+        &data,
+        1e-3,
+        0,
+        &Device::Cpu,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let options = TrainOptions {
+        epochs,
+        batch_size: 4,
+        lr: 1e-3,
+        seed: 0,
+        resume,
+        ..TrainOptions::new(output)
+    };
+    train(&mut task, &data, &options, &Device::Cpu, &mut |_| {})
+        .unwrap()
+        .epoch_losses
+}
+
+#[test]
+fn trains_exports_a_pipeline_and_resumes_exactly() {
+    single_thread();
+    let dir = tempfile::tempdir().unwrap();
+    let full = dir.path().join("full");
+    let losses = run(&full, 2, false);
+    assert_eq!(losses.len(), 2);
+    assert!(losses.iter().flatten().all(|l| l.is_finite() && *l > 0.0));
+
+    // The export is a diffusers StableDiffusionPipeline folder.
+    let model = full.join("model");
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("model_index.json")).unwrap())
+            .unwrap();
+    assert_eq!(index["_class_name"], "StableDiffusionPipeline");
+    assert_eq!(index["text_encoder"][1], "BertModel");
+    assert_eq!(index["vae"][1], "AutoencoderTiny");
+    let te: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(model.join("text_encoder/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(te["use_attention_mask"], true);
+    assert!(full.join("samples/epoch-002.png").is_file());
+
+    // The style names come from the tar's name; the pipeline generates at
+    // the training size from a styled prompt.
+    let prompting = PromptingConfig::load(&model).unwrap().unwrap();
+    assert_eq!(prompting.styles, vec!["emoji6".to_string()]);
+    let folder = ModelFolder::open(
+        &model,
+        &["text_encoder", "tokenizer", "unet", "vae", "scheduler"],
+    )
+    .unwrap();
+    let pipe = StableDiffusionPipeline::load(&folder, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(pipe.default_size(), (16, 16));
+    let mut request =
+        GenerationRequest::new(prompting.apply_style("elephant", "emoji6").unwrap());
+    request.steps = 3;
+    request.seed = Some(1);
+    let out = pipe
+        .generate(&request, Default::default(), &Limits::default(), &mut |_| true)
+        .unwrap();
+    assert_eq!(out.images[0].dimensions(), (16, 16));
+
+    // One epoch, then resume to two: the same losses, bit for bit.
+    let resumed = dir.path().join("resumed");
+    run(&resumed, 1, false);
+    let again = run(&resumed, 2, true);
+    assert_eq!(again, losses);
+}
+
+#[test]
+fn bad_inputs_are_refused_clearly() {
+    single_thread();
+    let new_task = |config: Text2ImageConfig, frozen: FrozenParts, data: &data::ImageDataset| {
+        Text2ImageTask::new(config, frozen, data, 1e-3, 0, &Device::Cpu, &mut |_, _, _| {})
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let data = emoji6();
+
+    // A tar without captions is refused when it is opened.
+    let e = data::open(
+        &fixtures().join("data/no_captions.tar"),
+        &tiny_config().recipe.load_options(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("captions"), "{e}");
+
+    let mut config = tiny_config();
+    config.unet.cross_attention_dim =
+        ensueno::models::unet_2d_condition::OneOrMany::One(64);
+    let e = new_task(config, frozen(), &data);
+    assert!(e.contains("cross_attention_dim is 64") && e.contains("32"), "{e}");
+
+    let e = new_task(
+        tiny_config(),
+        FrozenParts {
+            taesd: fixtures().join("data"),
+            ..frozen()
+        },
+        &data,
+    );
+    assert!(e.contains("not a TAESD folder"), "{e}");
+
+    let mut config = tiny_config();
+    config.recipe.style_template = "{caption}".into();
+    let e = new_task(config, frozen(), &data);
+    assert!(e.contains("style_template"), "{e}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, r#"{"unet": {}, "recipe": {}}"#).unwrap();
+    let e = Text2ImageConfig::from_file(&path).unwrap_err().to_string();
+    assert!(e.contains("config.json"), "{e}");
+}
