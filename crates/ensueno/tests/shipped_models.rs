@@ -2,12 +2,17 @@
 //! implementations compute on the same files: diffusers' `DDPMPipeline`
 //! (UNet2DModel + DDIM with classifier-free guidance) for
 //! `models/mnist-diffusion`, the PyTorch twin for `models/mnist-vae`
-//! (reference values: `scripts/golden/shipped_mnist.py`).
+//! (reference values: `scripts/golden/shipped_mnist.py`), and diffusers'
+//! own `StableDiffusionPipeline` loading `models/emoji-text2image` as it is
+//! (`scripts/golden/shipped_text2image.py`).
 //!
 //! Tolerances: one UNet evaluation and the encoder/decoder outputs, relative
 //! error max|ours - ref| / max|ref| <= 1e-4 (`common::check`); a whole
 //! 10-step guided DDIM loop, max absolute pixel difference <= 2e-3 on [0, 1]
-//! images (f32 rounding compounds over the steps and the guidance).
+//! images (f32 rounding compounds over the steps and the guidance). The
+//! emoji model's whole generations: max |ours - diffusers| <= 3/255 and mean
+//! <= 0.5/255 on the float image in [0, 1] before 8-bit rounding, as for
+//! the pipeline tests.
 
 mod common;
 
@@ -92,5 +97,80 @@ fn shipped_models_refuse_bad_requests() -> anyhow::Result<()> {
         .is_err());
     let img = vae.sample(None, 4, 0, &settings, &mut |_, _| Ok(()))?;
     assert_eq!(img.dims(), &[4, 1, 28, 28]);
+    Ok(())
+}
+
+#[derive(serde::Deserialize)]
+struct EmojiCases {
+    cases: Vec<EmojiCase>,
+}
+
+#[derive(serde::Deserialize)]
+struct EmojiCase {
+    name: String,
+    prompt: String,
+    negative_prompt: String,
+    scheduler: String,
+    steps: usize,
+    guidance_scale: f64,
+}
+
+#[test]
+fn emoji_text2image_matches_diffusers() -> anyhow::Result<()> {
+    use ensueno::io::model_folder::ModelFolder;
+    use ensueno::pipelines::{
+        GenerationInputs, GenerationRequest, Limits, StableDiffusionPipeline,
+    };
+    let dev = Device::Cpu;
+    // ENSUENO_EMOJI_MODEL checks a candidate before it is shipped.
+    let root = std::env::var_os("ENSUENO_EMOJI_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("models/emoji-text2image"));
+    let folder = ModelFolder::open(
+        &root,
+        &["text_encoder", "tokenizer", "unet", "vae", "scheduler"],
+    )?;
+    let pipe = StableDiffusionPipeline::load(&folder, &dev, DType::F32)?;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/shipped");
+    let cases: EmojiCases =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("emoji_cases.json"))?)?;
+    for case in &cases.cases {
+        let latents =
+            ensueno::io::npy::read_npy(&dir.join(format!("{}.latents.npy", case.name)), &dev)?;
+        let mut request = GenerationRequest::new(case.prompt.clone());
+        request.negative_prompt = case.negative_prompt.clone();
+        request.steps = case.steps;
+        request.guidance_scale = case.guidance_scale;
+        request.scheduler = case.scheduler.parse()?;
+        request.seed = Some(0);
+        let mut last = None;
+        pipe.generate(
+            &request,
+            GenerationInputs {
+                latents: Some(latents),
+                ..Default::default()
+            },
+            &Limits::default(),
+            &mut |p| {
+                last = Some(p.latents.clone());
+                true
+            },
+        )?;
+        // The float image before 8-bit rounding, decoded as the pipeline does
+        // (TAESD latents need no scaling).
+        let latents = last.expect("at least one step");
+        let decoded = match &pipe.vae {
+            ensueno::pipelines::stable_diffusion::Vae::Tiny(vae) => vae.decode(&latents)?,
+            _ => anyhow::bail!("the emoji model's VAE should be AutoencoderTiny"),
+        };
+        let ours = ((decoded / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+        let expected = fixture(&format!("{}.expected.safetensors", case.name))["image"].clone();
+        let diff = (ours - expected)?.abs()?;
+        let max = diff.max_all()?.to_scalar::<f32>()?;
+        let mean = diff.mean_all()?.to_scalar::<f32>()?;
+        eprintln!("{}: max {max:.2e}, mean {mean:.2e}", case.name);
+        assert!(max <= 3.0 / 255.0, "{}: max difference {max}", case.name);
+        assert!(mean <= 0.5 / 255.0, "{}: mean difference {mean}", case.name);
+    }
     Ok(())
 }

@@ -137,12 +137,16 @@ fn trains_exports_a_pipeline_and_resumes_exactly() {
     .unwrap();
     let pipe = StableDiffusionPipeline::load(&folder, &Device::Cpu, DType::F32).unwrap();
     assert_eq!(pipe.default_size(), (16, 16));
-    let mut request =
-        GenerationRequest::new(prompting.apply_style("elephant", "emoji6").unwrap());
+    let mut request = GenerationRequest::new(prompting.apply_style("elephant", "emoji6").unwrap());
     request.steps = 3;
     request.seed = Some(1);
     let out = pipe
-        .generate(&request, Default::default(), &Limits::default(), &mut |_| true)
+        .generate(
+            &request,
+            Default::default(),
+            &Limits::default(),
+            &mut |_| true,
+        )
         .unwrap();
     assert_eq!(out.images[0].dimensions(), (16, 16));
 
@@ -157,10 +161,18 @@ fn trains_exports_a_pipeline_and_resumes_exactly() {
 fn bad_inputs_are_refused_clearly() {
     single_thread();
     let new_task = |config: Text2ImageConfig, frozen: FrozenParts, data: &data::ImageDataset| {
-        Text2ImageTask::new(config, frozen, data, 1e-3, 0, &Device::Cpu, &mut |_, _, _| {})
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default()
+        Text2ImageTask::new(
+            config,
+            frozen,
+            data,
+            1e-3,
+            0,
+            &Device::Cpu,
+            &mut |_, _, _| {},
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default()
     };
     let data = emoji6();
 
@@ -174,10 +186,12 @@ fn bad_inputs_are_refused_clearly() {
     assert!(e.contains("captions"), "{e}");
 
     let mut config = tiny_config();
-    config.unet.cross_attention_dim =
-        ensueno::models::unet_2d_condition::OneOrMany::One(64);
+    config.unet.cross_attention_dim = ensueno::models::unet_2d_condition::OneOrMany::One(64);
     let e = new_task(config, frozen(), &data);
-    assert!(e.contains("cross_attention_dim is 64") && e.contains("32"), "{e}");
+    assert!(
+        e.contains("cross_attention_dim is 64") && e.contains("32"),
+        "{e}"
+    );
 
     let e = new_task(
         tiny_config(),

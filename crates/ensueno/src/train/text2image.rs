@@ -115,7 +115,9 @@ impl Text2ImageConfig {
             ));
         }
         if r.resolution.is_some_and(|v| v == 0 || v % 8 != 0) {
-            return Err(Error::invalid("resolution must be a positive multiple of 8"));
+            return Err(Error::invalid(
+                "resolution must be a positive multiple of 8",
+            ));
         }
         if self.unet.in_channels != 4 || self.unet.out_channels != 4 {
             return Err(Error::invalid(

@@ -1,0 +1,84 @@
+"""Reference outputs of diffusers on ensueno's shipped text-to-image model.
+
+Loads models/emoji-text2image with diffusers' own StableDiffusionPipeline
+(BertModel text encoder, AutoencoderTiny VAE, DPMSolverMultistepScheduler:
+exactly the classes model_index.json names), which also proves that diffusers
+loads the folder as it is. Then, for a few prompts, generates from fixed
+initial latents and saves the latents (the `--latents` input of
+`ensueno generate`) and diffusers' float images for
+crates/ensueno/tests/shipped_models.rs.
+
+Run from the repository root:
+    /root/venvs/ensueno/bin/python scripts/golden/shipped_text2image.py [MODEL_DIR]
+Outputs go to crates/ensueno/tests/fixtures/shipped/emoji_*.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import diffusers
+import transformers
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+from safetensors.torch import save_file
+
+MODEL = sys.argv[1] if len(sys.argv) > 1 else os.path.join("models", "emoji-text2image")
+OUT = os.path.join("crates", "ensueno", "tests", "fixtures", "shipped")
+
+torch.set_num_threads(2)
+
+CASES = [
+    # name, prompt, negative prompt, scheduler, steps, guidance
+    ("emoji_dpm2m", "elephant, noto style", "", "dpm++2m", 20, 4.0),
+    ("emoji_euler", "red apple, twemoji style", "", "euler", 12, 4.0),
+    ("emoji_ddim_empty", "", "", "ddim", 10, 1.0),
+    ("emoji_dpm2m_paraphrase", "a pachyderm", "blue", "dpm++2m", 15, 5.0),
+]
+
+
+def main():
+    pipe = StableDiffusionPipeline.from_pretrained(
+        MODEL, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32
+    )
+    assert type(pipe.text_encoder).__name__ == "BertModel", type(pipe.text_encoder)
+    assert type(pipe.vae).__name__ == "AutoencoderTiny", type(pipe.vae)
+    assert type(pipe.tokenizer).__name__ in ("BertTokenizerFast", "BertTokenizer"), type(pipe.tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    default_scheduler = pipe.scheduler
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    index = []
+    for i, (name, prompt, negative, scheduler, steps, guidance) in enumerate(CASES):
+        if scheduler == "dpm++2m":
+            pipe.scheduler = default_scheduler
+        elif scheduler == "euler":
+            pipe.scheduler = EulerDiscreteScheduler.from_config(default_scheduler.config)
+        elif scheduler == "ddim":
+            pipe.scheduler = DDIMScheduler.from_config(default_scheduler.config)
+        g = torch.Generator().manual_seed(100 + i)
+        latents = torch.randn((1, 4, size // 8, size // 8), generator=g)
+        np.save(os.path.join(OUT, f"{name}.latents.npy"), latents.numpy())
+        out = pipe(
+            prompt,
+            negative_prompt=negative,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            latents=latents.clone(),
+            height=size,
+            width=size,
+            output_type="np",
+        ).images
+        image = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous().float()
+        save_file({"image": image}, os.path.join(OUT, f"{name}.expected.safetensors"))
+        index.append(dict(name=name, prompt=prompt, negative_prompt=negative,
+                          scheduler=scheduler, steps=steps, guidance_scale=guidance))
+        print(name, "image mean", float(image.mean()))
+    with open(os.path.join(OUT, "emoji_cases.json"), "w") as f:
+        json.dump(dict(cases=index, torch=torch.__version__, diffusers=diffusers.__version__,
+                       transformers=transformers.__version__), f, indent=1)
+    print("wrote", OUT)
+
+
+if __name__ == "__main__":
+    main()
