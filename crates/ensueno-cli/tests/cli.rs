@@ -137,7 +137,6 @@ fn bad_inputs_fail_with_one_clear_line() {
         ]),
         "--model",
     );
-    assert_clean_failure(&ensueno(&["generate", "x", "--output", o_s]), "--model");
 
     // Partial folder: no unet.
     let partial = dir.path().join("partial");
