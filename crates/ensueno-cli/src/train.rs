@@ -281,12 +281,16 @@ pub struct Text2ImageArgs {
     /// folder of images with .txt captions. Default: $ENSUENO_DATA/emoji.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// The frozen text encoder: a sentence-transformers BERT folder (all-MiniLM-L6-v2).
+    /// The frozen text encoder: a sentence-transformers BERT folder (all-MiniLM-L6-v2), or a
+    /// diffusers pipeline folder whose text_encoder/, tokenizer/ and vae/ are used.
+    /// Default: ensueno's shipped model (models/emoji-text2image), which holds all three.
     #[arg(long, env = "ENSUENO_TEXT_ENCODER")]
-    text_encoder: PathBuf,
-    /// The frozen autoencoder: a folder with taesd_encoder.safetensors and taesd_decoder.safetensors.
+    text_encoder: Option<PathBuf>,
+    /// The frozen autoencoder: a folder with taesd_encoder.safetensors and
+    /// taesd_decoder.safetensors, or a diffusers AutoencoderTiny folder.
+    /// Default: the vae/ of the --text-encoder pipeline folder.
     #[arg(long, env = "ENSUENO_TAESD")]
-    taesd: PathBuf,
+    taesd: Option<PathBuf>,
     /// Checkpoints, loss curves, sample grids and model/ go here.
     #[arg(long, short)]
     output: PathBuf,
@@ -330,10 +334,13 @@ fn train_text2image(args: Text2ImageArgs) -> Result<()> {
         max_steps_per_epoch: args.max_steps_per_epoch,
         ..TrainOptions::new(&args.output)
     };
-    let frozen = FrozenParts {
-        text_encoder: args.text_encoder.clone(),
-        taesd: args.taesd.clone(),
+    let source = match &args.text_encoder {
+        Some(p) => p.clone(),
+        None => ensueno::pipelines::default_model_dir().context(
+            "no --text-encoder given, and the shipped model that holds the default one is missing",
+        )?,
     };
+    let frozen = FrozenParts::from_paths(&source, args.taesd.as_deref())?;
     eprintln!(
         "encoding {} images and their captions with the frozen text encoder and TAESD",
         data.len()

@@ -26,17 +26,37 @@ fn png_size(path: &Path) -> (u32, u32) {
 fn generates_with_the_shipped_model() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("elephant.png");
-    let err = run_ok(&["generate", "an elephant", "--seed", "1", "--output", out.to_str().unwrap()]);
+    let err = run_ok(&[
+        "generate",
+        "an elephant",
+        "--seed",
+        "1",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(err.contains("wrote"), "{err}");
     assert_eq!(png_size(&out), (64, 64));
 
     // The same seed gives the same image; a style changes it.
     let again = dir.path().join("again.png");
-    run_ok(&["generate", "an elephant", "--seed", "1", "--output", again.to_str().unwrap()]);
+    run_ok(&[
+        "generate",
+        "an elephant",
+        "--seed",
+        "1",
+        "--output",
+        again.to_str().unwrap(),
+    ]);
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&again).unwrap());
     let noto = dir.path().join("noto.png");
     run_ok(&[
-        "generate", "an elephant", "--style", "noto", "--seed", "1", "--output",
+        "generate",
+        "an elephant",
+        "--style",
+        "noto",
+        "--seed",
+        "1",
+        "--output",
         noto.to_str().unwrap(),
     ]);
     assert_ne!(std::fs::read(&out).unwrap(), std::fs::read(&noto).unwrap());
@@ -45,14 +65,27 @@ fn generates_with_the_shipped_model() {
 #[test]
 fn img2img_and_the_denoising_animation() {
     let dir = tempfile::tempdir().unwrap();
-    let init: PathBuf =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../ensueno/tests/fixtures/pipeline/bert_init.png");
+    let init: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../ensueno/tests/fixtures/pipeline/bert_init.png");
     let out = dir.path().join("re.png");
     let gif = dir.path().join("steps.gif");
     let err = run_ok(&[
-        "generate", "a red apple", "--init-image", init.to_str().unwrap(), "--strength", "0.6",
-        "--width", "64", "--height", "64", "--seed", "3", "--output", out.to_str().unwrap(),
-        "--save-progress", gif.to_str().unwrap(),
+        "generate",
+        "a red apple",
+        "--init-image",
+        init.to_str().unwrap(),
+        "--strength",
+        "0.6",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--seed",
+        "3",
+        "--output",
+        out.to_str().unwrap(),
+        "--save-progress",
+        gif.to_str().unwrap(),
     ]);
     assert_eq!(png_size(&out), (64, 64));
     // 0.6 of 20 steps run, one frame each, plus the final image.
@@ -61,7 +94,9 @@ fn img2img_and_the_denoising_animation() {
         std::fs::File::open(&gif).unwrap(),
     ))
     .unwrap();
-    let frames = image::AnimationDecoder::into_frames(decoder).collect_frames().unwrap();
+    let frames = image::AnimationDecoder::into_frames(decoder)
+        .collect_frames()
+        .unwrap();
     assert_eq!(frames.len(), 13);
 }
 
@@ -84,11 +119,25 @@ fn odd_prompts_give_an_image_or_a_clear_error() {
     }
 
     assert_clean_failure(
-        &ensueno(&["generate", "an elephant", "--style", "cubism", "--output", o]),
+        &ensueno(&[
+            "generate",
+            "an elephant",
+            "--style",
+            "cubism",
+            "--output",
+            o,
+        ]),
         "unknown style 'cubism' (expected one of: noto, twemoji)",
     );
     assert_clean_failure(
-        &ensueno(&["generate", "x", "--save-progress", "steps.png", "--output", o]),
+        &ensueno(&[
+            "generate",
+            "x",
+            "--save-progress",
+            "steps.png",
+            "--output",
+            o,
+        ]),
         "--save-progress must be a .gif file",
     );
     assert_clean_failure(

@@ -29,6 +29,7 @@ fn fixtures() -> PathBuf {
 fn frozen() -> FrozenParts {
     FrozenParts {
         text_encoder: fixtures().join("bert/tiny"),
+        tokenizer: fixtures().join("bert/tiny"),
         taesd: fixtures().join("pipeline/tiny-bert-taesd/vae"),
     }
 }
@@ -213,4 +214,37 @@ fn bad_inputs_are_refused_clearly() {
     std::fs::write(&path, r#"{"unet": {}, "recipe": {}}"#).unwrap();
     let e = Text2ImageConfig::from_file(&path).unwrap_err().to_string();
     assert!(e.contains("config.json"), "{e}");
+}
+
+/// The frozen parts can come from an existing pipeline folder (as they do,
+/// by default, from the shipped model): its text_encoder/, tokenizer/, vae/.
+#[test]
+fn frozen_parts_from_a_pipeline_folder() {
+    single_thread();
+    let root = fixtures().join("pipeline/tiny-bert-taesd");
+    let frozen = FrozenParts::from_paths(&root, None).unwrap();
+    assert_eq!(frozen.taesd, root.join("vae"));
+    let data = emoji6();
+    let mut task = Text2ImageTask::new(
+        tiny_config(),
+        frozen,
+        &data,
+        1e-3,
+        0,
+        &Device::Cpu,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let options = TrainOptions {
+        epochs: 1,
+        batch_size: 4,
+        ..TrainOptions::new(dir.path())
+    };
+    let summary = train(&mut task, &data, &options, &Device::Cpu, &mut |_| {}).unwrap();
+    assert!(summary.epoch_losses[0][0].is_finite());
+    let e = FrozenParts::from_paths(&fixtures().join("bert/tiny"), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no TAESD given"), "{e}");
 }

@@ -96,18 +96,20 @@ impl TextEncoder {
         }
     }
 
-    /// A BERT encoder from a folder holding `config.json`, `tokenizer.json`
-    /// and the weights (a sentence-transformers or transformers folder),
-    /// prompts padded to `max_length` tokens and masked.
+    /// A BERT encoder from `dir` (`config.json` and the weights: a
+    /// sentence-transformers or transformers folder) with the
+    /// `tokenizer.json` of `tokenizer_dir` (often the same folder), prompts
+    /// padded to `max_length` tokens and masked.
     pub fn bert_from_dir(
         dir: &Path,
+        tokenizer_dir: &Path,
         max_length: usize,
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
         let files = in_component(dir, crate::io::model_folder::component_weight_files(dir))?;
         let vb = var_builder_from_files(&files, dtype, device)?;
-        let mut encoder = Self::load_bert(&dir.join("config.json"), dir, vb, max_length)?;
+        let mut encoder = Self::load_bert(&dir.join("config.json"), tokenizer_dir, vb, max_length)?;
         if let Self::Bert {
             use_attention_mask, ..
         } = &mut encoder

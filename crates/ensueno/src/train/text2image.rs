@@ -161,11 +161,47 @@ impl Text2ImageRecipe {
 /// Where the frozen parts come from.
 #[derive(Debug, Clone)]
 pub struct FrozenParts {
-    /// A folder with the BERT sentence encoder (`config.json`,
-    /// `tokenizer.json`, weights), e.g. all-MiniLM-L6-v2.
+    /// The BERT sentence encoder's `config.json` and weights, e.g.
+    /// all-MiniLM-L6-v2.
     pub text_encoder: PathBuf,
-    /// A folder with `taesd_encoder.safetensors` and `taesd_decoder.safetensors`.
+    /// The folder with its `tokenizer.json` (and `vocab.txt`).
+    pub tokenizer: PathBuf,
+    /// `taesd_encoder.safetensors` + `taesd_decoder.safetensors`, or a
+    /// diffusers `AutoencoderTiny` folder.
     pub taesd: PathBuf,
+}
+
+impl FrozenParts {
+    /// The frozen parts as one path names them: a sentence-transformers
+    /// folder for the text (its tokenizer beside it), or a diffusers
+    /// pipeline folder holding all three (`text_encoder/`, `tokenizer/`,
+    /// `vae/`), such as ensueno's shipped model.
+    pub fn from_paths(text_encoder: &Path, taesd: Option<&Path>) -> Result<Self> {
+        let pipeline = text_encoder.join("model_index.json").is_file();
+        let (te, tok) = if pipeline {
+            (
+                text_encoder.join("text_encoder"),
+                text_encoder.join("tokenizer"),
+            )
+        } else {
+            (text_encoder.to_path_buf(), text_encoder.to_path_buf())
+        };
+        let taesd = match (taesd, pipeline) {
+            (Some(t), _) => t.to_path_buf(),
+            (None, true) => text_encoder.join("vae"),
+            (None, false) => {
+                return Err(Error::invalid(
+                    "no TAESD given: pass a folder with taesd_encoder.safetensors and \
+                     taesd_decoder.safetensors, or a diffusers pipeline folder that has vae/",
+                ))
+            }
+        };
+        Ok(Self {
+            text_encoder: te,
+            tokenizer: tok,
+            taesd,
+        })
+    }
 }
 
 const TAESD_ENCODER: &str = "taesd_encoder.safetensors";
@@ -298,6 +334,7 @@ impl Text2ImageTask {
 
         let text_encoder = TextEncoder::bert_from_dir(
             &frozen.text_encoder,
+            &frozen.tokenizer,
             recipe.max_text_tokens,
             device,
             DType::F32,
@@ -679,14 +716,14 @@ pub fn save_pipeline_folder(
     // (transformers ignores the ones stored in tokenizer.json).
     let tok = sub("tokenizer")?;
     let mut tok_json: serde_json::Value =
-        crate::io::model_folder::read_json(&frozen.text_encoder.join("tokenizer.json"))?;
+        crate::io::model_folder::read_json(&frozen.tokenizer.join("tokenizer.json"))?;
     if let Some(map) = tok_json.as_object_mut() {
         map.insert("padding".into(), serde_json::Value::Null);
         map.insert("truncation".into(), serde_json::Value::Null);
     }
     write_json(&tok.join("tokenizer.json"), &tok_json)?;
     for name in ["vocab.txt", "special_tokens_map.json"] {
-        let src = frozen.text_encoder.join(name);
+        let src = frozen.tokenizer.join(name);
         if src.is_file() {
             let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
             let dst = tok.join(name);
