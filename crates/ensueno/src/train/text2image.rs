@@ -721,7 +721,12 @@ pub fn save_pipeline_folder(
         map.insert("padding".into(), serde_json::Value::Null);
         map.insert("truncation".into(), serde_json::Value::Null);
     }
-    write_json(&tok.join("tokenizer.json"), &tok_json)?;
+    // Compact, as the tokenizers library writes it.
+    let tok_path = tok.join("tokenizer.json");
+    let bytes = serde_json::to_vec(&tok_json).map_err(|e| Error::invalid(e.to_string()))?;
+    crate::io::atomic::write_atomic(&tok_path, |w| {
+        std::io::Write::write_all(w, &bytes).map_err(|e| Error::io(&tok_path, e))
+    })?;
     for name in ["vocab.txt", "special_tokens_map.json"] {
         let src = frozen.tokenizer.join(name);
         if src.is_file() {
