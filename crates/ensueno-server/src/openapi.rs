@@ -1,0 +1,140 @@
+//! The OpenAPI 3.1 description of the server, served at `/openapi.json`.
+//! Written by hand beside the handlers; the integration tests check that
+//! every route the router serves is listed here.
+
+use axum::Json;
+use serde_json::{json, Value};
+
+fn error_responses() -> Value {
+    let e = json!({"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    json!({
+        "400": e, "401": e, "404": e, "413": e, "422": e,
+        "429": {"description": "queue full; see the Retry-After header", "headers": {"Retry-After": {"schema": {"type": "integer"}}}, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    })
+}
+
+fn ok(description: &str, schema: Value) -> Value {
+    json!({"description": description, "content": {"application/json": {"schema": schema}}})
+}
+
+fn with_errors(mut responses: Value) -> Value {
+    if let (Some(r), Some(e)) = (responses.as_object_mut(), error_responses().as_object()) {
+        for (k, v) in e {
+            r.entry(k.clone()).or_insert(v.clone());
+        }
+    }
+    responses
+}
+
+fn body(schema: &str) -> Value {
+    json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}})
+}
+
+fn id_param() -> Value {
+    json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}])
+}
+
+/// The document.
+pub fn spec() -> Value {
+    let any = json!({"type": "object"});
+    let list = json!({"type": "array", "items": {"type": "object"}});
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "ensueno",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Text-to-image generation. /sdapi/v1 is compatible with AUTOMATIC1111's web UI API; /api is ensueno's asynchronous job API. With --api-token, send 'Authorization: Bearer <token>'."
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error", "detail"], "properties": {
+                    "error": {"type": "string"}, "detail": {"type": "string"}, "body": {"type": "string"}, "errors": {"type": "string"}}},
+                "GenerationRequest": {"type": "object", "required": ["prompt"], "additionalProperties": false, "properties": {
+                    "prompt": {"type": "string"},
+                    "negative_prompt": {"type": "string", "default": ""},
+                    "steps": {"type": "integer", "minimum": 1, "default": 25},
+                    "guidance_scale": {"type": "number", "minimum": 0, "maximum": 100, "default": 7.5},
+                    "scheduler": {"type": "string", "enum": ["ddim", "ddpm", "euler", "euler-a", "dpm++2m", "dpm++2m-karras"], "default": "dpm++2m"},
+                    "width": {"type": ["integer", "null"], "minimum": 1},
+                    "height": {"type": ["integer", "null"], "minimum": 1},
+                    "seed": {"type": ["integer", "null"], "minimum": 0},
+                    "batch": {"type": "integer", "minimum": 1, "default": 1},
+                    "strength": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.75},
+                    "clip_skip": {"type": "integer", "minimum": 0, "maximum": 8, "default": 0},
+                    "init_image": {"type": ["string", "null"], "description": "base64 PNG/JPEG/WebP (or a data: URL) for img2img"},
+                    "style": {"type": ["string", "null"], "description": "a style preset name (GET /api/styles)"}
+                }},
+                "Job": {"type": "object", "required": ["id", "status"], "properties": {
+                    "id": {"type": "string"},
+                    "status": {"type": "string", "enum": ["queued", "running", "done", "failed", "cancelled"]},
+                    "position": {"type": "integer"},
+                    "progress": {"type": "object"},
+                    "request": {"type": "object"},
+                    "images": {"type": "array", "items": {"type": "string"}},
+                    "seeds": {"type": "array", "items": {"type": "integer"}},
+                    "error": {"type": ["string", "null"]}
+                }},
+                "A1111Request": {"type": "object", "properties": {
+                    "prompt": {"type": "string"}, "negative_prompt": {"type": "string"},
+                    "styles": {"type": "array", "items": {"type": "string"}},
+                    "seed": {"type": "integer", "default": -1},
+                    "sampler_name": {"type": "string"}, "sampler_index": {"type": "string"}, "scheduler": {"type": "string"},
+                    "batch_size": {"type": "integer"}, "n_iter": {"type": "integer"}, "steps": {"type": "integer"},
+                    "cfg_scale": {"type": "number"}, "width": {"type": "integer"}, "height": {"type": "integer"},
+                    "denoising_strength": {"type": "number"},
+                    "init_images": {"type": "array", "items": {"type": "string"}},
+                    "override_settings": {"type": "object"}
+                }},
+                "A1111Response": {"type": "object", "required": ["images", "parameters", "info"], "properties": {
+                    "images": {"type": "array", "items": {"type": "string", "description": "base64 PNG"}},
+                    "parameters": {"type": "object"},
+                    "info": {"type": "string", "description": "JSON text of the generation parameters"}
+                }}
+            }
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/sdapi/v1/txt2img": {"post": {"summary": "Text to image (waits for the images)", "requestBody": body("A1111Request"),
+                "responses": with_errors(json!({"200": ok("images", json!({"$ref": "#/components/schemas/A1111Response"}))}))}},
+            "/sdapi/v1/img2img": {"post": {"summary": "Image to image (init_images, denoising_strength)", "requestBody": body("A1111Request"),
+                "responses": with_errors(json!({"200": ok("images", json!({"$ref": "#/components/schemas/A1111Response"}))}))}},
+            "/sdapi/v1/progress": {"get": {"summary": "Progress of the running job", "responses": with_errors(json!({"200": ok("progress, eta_relative, state, current_image", any.clone())}))}},
+            "/sdapi/v1/interrupt": {"post": {"summary": "Stop the running job", "responses": with_errors(json!({"200": ok("done", any.clone())}))}},
+            "/sdapi/v1/skip": {"post": {"summary": "Same as interrupt", "responses": with_errors(json!({"200": ok("done", any.clone())}))}},
+            "/sdapi/v1/sd-models": {"get": {"summary": "The loaded model", "responses": with_errors(json!({"200": ok("models", list.clone())}))}},
+            "/sdapi/v1/samplers": {"get": {"summary": "Samplers", "responses": with_errors(json!({"200": ok("samplers", list.clone())}))}},
+            "/sdapi/v1/schedulers": {"get": {"summary": "Noise schedules", "responses": with_errors(json!({"200": ok("schedules", list.clone())}))}},
+            "/sdapi/v1/options": {
+                "get": {"summary": "Options", "responses": with_errors(json!({"200": ok("options", any.clone())}))},
+                "post": {"summary": "Set options (only sd_model_checkpoint, to the loaded model)", "requestBody": {"content": {"application/json": {"schema": any.clone()}}}, "responses": with_errors(json!({"200": ok("null", json!({}))}))}
+            },
+            "/sdapi/v1/scripts": {"get": {"summary": "Scripts (none)", "responses": with_errors(json!({"200": ok("scripts", any.clone())}))}},
+            "/sdapi/v1/sd-vae": {"get": {"summary": "VAEs (none to choose)", "responses": with_errors(json!({"200": ok("list", list.clone())}))}},
+            "/sdapi/v1/upscalers": {"get": {"summary": "Upscalers (none)", "responses": with_errors(json!({"200": ok("list", list.clone())}))}},
+            "/sdapi/v1/loras": {"get": {"summary": "LoRAs (none)", "responses": with_errors(json!({"200": ok("list", list.clone())}))}},
+            "/sdapi/v1/prompt-styles": {"get": {"summary": "Style presets", "responses": with_errors(json!({"200": ok("styles", list.clone())}))}},
+            "/api/jobs": {"post": {"summary": "Queue a job", "requestBody": body("GenerationRequest"),
+                "responses": with_errors(json!({"202": ok("accepted", json!({"type": "object", "properties": {"id": {"type": "string"}, "status": {"type": "string"}, "position": {"type": "integer"}}}))}))}},
+            "/api/jobs/{id}": {
+                "get": {"summary": "A job", "parameters": id_param(), "responses": with_errors(json!({"200": ok("job", json!({"$ref": "#/components/schemas/Job"}))}))},
+                "delete": {"summary": "Cancel a job", "parameters": id_param(), "responses": with_errors(json!({"200": ok("cancelled", any.clone()), "409": ok("already finished", json!({"$ref": "#/components/schemas/Error"}))}))}
+            },
+            "/api/jobs/{id}/events": {"get": {"summary": "Server-Sent Events: 'status' (the job) and 'progress' ({step,total,eta,preview}) until the job ends", "parameters": id_param(),
+                "responses": with_errors(json!({"200": {"description": "event stream", "content": {"text/event-stream": {"schema": {"type": "string"}}}}}))}},
+            "/api/images/{file}": {"get": {"summary": "An image, <job id>-<n>.png", "parameters": [{"name": "file", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[0-9a-f]{32}-[0-9]{1,4}\\.png$"}}],
+                "responses": with_errors(json!({"200": {"description": "PNG", "content": {"image/png": {}}}}))}},
+            "/api/gallery": {"get": {"summary": "Finished jobs, newest first", "parameters": [
+                {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1, "default": 1}},
+                {"name": "per_page", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}}],
+                "responses": with_errors(json!({"200": ok("page", any.clone())}))}},
+            "/api/styles": {"get": {"summary": "Style presets", "responses": with_errors(json!({"200": ok("styles", list.clone())}))}},
+            "/api/config": {"get": {"summary": "Model, sizes, limits, schedulers", "responses": with_errors(json!({"200": ok("config", any.clone())}))}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": with_errors(json!({"200": ok("OpenAPI", any)}))}}
+        }
+    })
+}
+
+pub async fn document() -> Json<Value> {
+    Json(spec())
+}
