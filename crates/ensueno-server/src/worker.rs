@@ -98,7 +98,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(store: Arc<Store>, data_dir: PathBuf, limits: Limits, workers: usize) -> Self {
-        let (events, _) = broadcast::channel(4096);
+        let (events, _) = broadcast::channel(256);
         Self {
             store,
             data_dir,
