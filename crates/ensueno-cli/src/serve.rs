@@ -66,7 +66,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.workers == 0 {
         anyhow::bail!("--workers must be at least 1");
     }
-    if args.api_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+    if args
+        .api_token
+        .as_deref()
+        .is_some_and(|t| t.trim().is_empty())
+    {
         anyhow::bail!("--api-token is empty");
     }
     let mut config = ServerConfig::new(root, args.data_dir);

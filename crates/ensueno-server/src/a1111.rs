@@ -90,9 +90,7 @@ pub fn sampler_kind(sampler: Option<&str>, schedule: Option<&str>) -> ApiResult<
     let kind: SchedulerKind = name.parse().map_err(|_| {
         ApiError::unprocessable(format!(
             "unknown sampler '{name}'; the samplers are: {}",
-            SchedulerKind::ALL
-                .map(|k| k.a1111_name())
-                .join(", ")
+            SchedulerKind::ALL.map(|k| k.a1111_name()).join(", ")
         ))
     })?;
     match schedule.map(|s| s.to_ascii_lowercase()) {
@@ -252,7 +250,11 @@ async fn generate(
 
 async fn read_images_base64(state: &Arc<AppState>, row: &JobRow) -> ApiResult<Vec<String>> {
     let dir = state.engine.images_dir();
-    let ids = row.result.as_ref().map(|r| r.images.clone()).unwrap_or_default();
+    let ids = row
+        .result
+        .as_ref()
+        .map(|r| r.images.clone())
+        .unwrap_or_default();
     tokio::task::spawn_blocking(move || {
         ids.iter()
             .map(|id| {

@@ -50,7 +50,11 @@ pub async fn create_job(
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.is_empty() => None,
         Some(Value::String(s)) => Some(s),
-        Some(_) => return Err(ApiError::unprocessable("init_image must be a base64 string")),
+        Some(_) => {
+            return Err(ApiError::unprocessable(
+                "init_image must be a base64 string",
+            ))
+        }
     };
     let style = match fields.remove("style") {
         None | Some(Value::Null) => None,
@@ -100,7 +104,8 @@ pub fn job_json(state: &AppState, row: &JobRow, position: Option<usize>) -> Valu
     }
     if row.status == JobStatus::Running {
         if let Some(l) = state.engine.live_job(&row.id) {
-            v["progress"] = json!({"step": l.step, "total": l.total, "eta": l.eta(), "fraction": l.fraction()});
+            v["progress"] =
+                json!({"step": l.step, "total": l.total, "eta": l.eta(), "fraction": l.fraction()});
         }
     }
     if let Some(r) = &row.result {
@@ -276,7 +281,10 @@ pub async fn image(
         Ok(bytes) => Ok((
             [
                 (header::CONTENT_TYPE, "image/png"),
-                (header::CACHE_CONTROL, "private, max-age=31536000, immutable"),
+                (
+                    header::CACHE_CONTROL,
+                    "private, max-age=31536000, immutable",
+                ),
             ],
             Body::from(bytes),
         )

@@ -38,13 +38,11 @@ pub async fn require_token(
             Some(_) => {
                 return ApiError::new(StatusCode::UNAUTHORIZED, "wrong API token").into_response()
             }
-            None => {
-                return ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "this server needs an API token: send the header 'Authorization: Bearer <token>'",
-                )
-                .into_response()
-            }
+            None => return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "this server needs an API token: send the header 'Authorization: Bearer <token>'",
+            )
+            .into_response(),
         }
     }
     next.run(request).await

@@ -102,7 +102,9 @@ pub fn new_job_id() -> String {
 
 /// Whether `s` has the shape of a job id (so it can be used in a file name).
 pub fn is_job_id(s: &str) -> bool {
-    s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 32
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Whether `s` has the shape of an image id, `<job id>-<index>`.
@@ -132,7 +134,13 @@ mod tests {
         let id = new_job_id();
         assert!(is_job_id(&id));
         assert!(is_image_id(&format!("{id}-0")));
-        for bad in ["../etc/passwd", "", "..", &format!("{id}-../x"), &format!("{id}/0")] {
+        for bad in [
+            "../etc/passwd",
+            "",
+            "..",
+            &format!("{id}-../x"),
+            &format!("{id}/0"),
+        ] {
             assert!(!is_image_id(bad), "{bad}");
             assert!(!is_job_id(bad), "{bad}");
         }

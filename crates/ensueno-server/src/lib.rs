@@ -148,7 +148,12 @@ fn start(config: ServerConfig) -> anyhow::Result<Started> {
     }
     std::fs::create_dir_all(config.data_dir.join("images"))
         .and_then(|_| std::fs::create_dir_all(config.data_dir.join("inputs")))
-        .with_context(|| format!("cannot create the data folder {}", config.data_dir.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot create the data folder {}",
+                config.data_dir.display()
+            )
+        })?;
     let styles = styles::load_styles(config.styles_file.as_deref(), &config.data_dir)?;
     let pipeline = load_pipeline(&config.model)?;
     let model = ModelInfo {

@@ -82,8 +82,11 @@ impl Store {
         let spec = serde_json::to_string(spec)?;
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let queued: i64 =
-            tx.query_row("SELECT COUNT(*) FROM jobs WHERE status = 'queued'", [], |r| r.get(0))?;
+        let queued: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM jobs WHERE status = 'queued'",
+            [],
+            |r| r.get(0),
+        )?;
         let queued = queued.max(0) as usize;
         if queued >= max_queue {
             return Ok(Insert::Full(queued));
@@ -224,7 +227,10 @@ impl Store {
         let rows = stmt
             .query_map(params![limit as i64, offset as i64], raw_row)?
             .collect::<Result<Vec<_>, _>>()?;
-        let rows = rows.into_iter().map(parse_row).collect::<anyhow::Result<_>>()?;
+        let rows = rows
+            .into_iter()
+            .map(parse_row)
+            .collect::<anyhow::Result<_>>()?;
         Ok((total.max(0) as usize, rows))
     }
 }

@@ -46,8 +46,9 @@ impl Style {
 
 /// Parses a presets file: a JSON array of `{name, prompt, negative_prompt}`.
 pub fn parse_styles(text: &str, origin: &str) -> anyhow::Result<Vec<Style>> {
-    let styles: Vec<Style> = serde_json::from_str(text)
-        .with_context(|| format!("{origin}: not a JSON array of {{name, prompt, negative_prompt}}"))?;
+    let styles: Vec<Style> = serde_json::from_str(text).with_context(|| {
+        format!("{origin}: not a JSON array of {{name, prompt, negative_prompt}}")
+    })?;
     let mut seen = std::collections::HashSet::new();
     for s in &styles {
         if s.name.trim().is_empty() {
@@ -81,7 +82,9 @@ pub fn load_styles(file: Option<&Path>, data_dir: &Path) -> anyhow::Result<Vec<S
 
 /// The preset called `name` (case-insensitive).
 pub fn find<'a>(styles: &'a [Style], name: &str) -> Option<&'a Style> {
-    styles.iter().find(|s| s.name.eq_ignore_ascii_case(name.trim()))
+    styles
+        .iter()
+        .find(|s| s.name.eq_ignore_ascii_case(name.trim()))
 }
 
 #[cfg(test)]
@@ -97,6 +100,10 @@ mod tests {
             assert!(p.contains("a red fox"), "{}: {p}", s.name);
         }
         assert!(find(&styles, styles[0].name.to_uppercase().as_str()).is_some());
-        assert!(parse_styles("[{\"name\":\"a\",\"prompt\":\"x\"},{\"name\":\"A\",\"prompt\":\"y\"}]", "t").is_err());
+        assert!(parse_styles(
+            "[{\"name\":\"a\",\"prompt\":\"x\"},{\"name\":\"A\",\"prompt\":\"y\"}]",
+            "t"
+        )
+        .is_err());
     }
 }

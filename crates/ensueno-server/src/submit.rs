@@ -112,7 +112,10 @@ pub async fn submit(state: &Arc<AppState>, sub: Submission) -> ApiResult<(String
         if let (Some(img), Some(path)) = (&init, &input_path) {
             ensueno::io::png_info::save_png_with_parameters(path, img, None)?;
         }
-        let r = st.engine.store.insert(&job_id, &spec, st.config.max_queue)?;
+        let r = st
+            .engine
+            .store
+            .insert(&job_id, &spec, st.config.max_queue)?;
         if let (Insert::Full(_), Some(path)) = (r, &input_path) {
             let _ = std::fs::remove_file(path);
         }
@@ -166,9 +169,11 @@ pub fn decode_init_image(b64: &str) -> ApiResult<image::RgbImage> {
 pub async fn get_job(state: &Arc<AppState>, id: &str) -> ApiResult<Option<JobRow>> {
     let st = state.clone();
     let id = id.to_string();
-    Ok(tokio::task::spawn_blocking(move || st.engine.store.get(&id))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))??)
+    Ok(
+        tokio::task::spawn_blocking(move || st.engine.store.get(&id))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))??,
+    )
 }
 
 /// Waits until job `id` is done, failed or cancelled, and returns it.
@@ -184,7 +189,10 @@ pub async fn wait_for_job(state: &Arc<AppState>, id: &str) -> ApiResult<JobRow> 
         if tokio::time::Instant::now() >= deadline {
             return Err(ApiError::new(
                 axum::http::StatusCode::GATEWAY_TIMEOUT,
-                format!("job {id} is still waiting after {} s; it will still run: poll /api/jobs/{id}", state.config.sync_timeout_s),
+                format!(
+                    "job {id} is still waiting after {} s; it will still run: poll /api/jobs/{id}",
+                    state.config.sync_timeout_s
+                ),
             ));
         }
         // Events only say "look again"; the database has the truth, and a

@@ -126,17 +126,26 @@ impl Engine {
 
     /// Tells idle workers a job is waiting.
     pub fn notify(&self) {
-        let mut g = self.wake_generation.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self
+            .wake_generation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         *g = g.wrapping_add(1);
         self.wake.notify_all();
     }
 
     fn generation(&self) -> u64 {
-        *self.wake_generation.lock().unwrap_or_else(|p| p.into_inner())
+        *self
+            .wake_generation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn wait_for_work(&self, seen: u64, timeout: Duration) {
-        let g = self.wake_generation.lock().unwrap_or_else(|p| p.into_inner());
+        let g = self
+            .wake_generation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if *g != seen || self.shutdown.load(Ordering::SeqCst) {
             return;
         }
@@ -409,7 +418,11 @@ pub fn image_path(images_dir: &Path, image_id: &str) -> PathBuf {
 fn preview_png(step: &StepProgress) -> Option<String> {
     let latents = step.pred_original.unwrap_or(step.latents);
     let first = latents.narrow(0, 0, 1).ok()?;
-    let img = LatentPreviewer::Linear.preview(&first).ok()?.into_iter().next()?;
+    let img = LatentPreviewer::Linear
+        .preview(&first)
+        .ok()?
+        .into_iter()
+        .next()?;
     encode_png_base64(&img)
 }
 

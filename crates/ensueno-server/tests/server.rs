@@ -34,8 +34,7 @@ struct Reply {
 
 impl Reply {
     fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
 }
 
@@ -84,7 +83,8 @@ fn decode_png(b64: &str) -> image::DynamicImage {
 }
 
 fn png_base64(w: u32, h: u32) -> String {
-    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 4) as u8, (y * 4) as u8, 128]));
+    let img =
+        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 4) as u8, (y * 4) as u8, 128]));
     let mut bytes = Vec::new();
     img.write_to(&mut Cursor::new(&mut bytes), image::ImageFormat::Png)
         .unwrap();
@@ -100,7 +100,11 @@ fn wait_final(s: &RunningServer, id: &str, timeout: Duration) -> Value {
         if ["done", "failed", "cancelled"].contains(&v["status"].as_str().unwrap_or("")) {
             return v;
         }
-        assert!(t0.elapsed() < timeout, "job {id} still {} after {timeout:?}", v["status"]);
+        assert!(
+            t0.elapsed() < timeout,
+            "job {id} still {} after {timeout:?}",
+            v["status"]
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -124,7 +128,10 @@ fn txt2img_answers_like_a1111() {
         assert_eq!((img.width(), img.height()), (64, 48));
     }
     assert_eq!(v["parameters"]["prompt"], "a red fox");
-    assert_eq!(v["parameters"]["enable_hr"], false, "unknown fields are echoed");
+    assert_eq!(
+        v["parameters"]["enable_hr"], false,
+        "unknown fields are echoed"
+    );
     let info: Value = serde_json::from_str(v["info"].as_str().expect("info is a string")).unwrap();
     assert_eq!(info["seed"], 7);
     assert_eq!(info["all_seeds"], json!([7, 8]));
@@ -147,15 +154,27 @@ fn txt2img_answers_like_a1111() {
     let models = get(&s, "/sdapi/v1/sd-models").json();
     assert_eq!(models[0]["title"], "tiny-sd1");
     let samplers = get(&s, "/sdapi/v1/samplers").json();
-    assert!(samplers.as_array().unwrap().iter().any(|x| x["name"] == "DPM++ 2M Karras"));
-    assert_eq!(get(&s, "/sdapi/v1/options").json()["sd_model_checkpoint"], "tiny-sd1");
+    assert!(samplers
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|x| x["name"] == "DPM++ 2M Karras"));
+    assert_eq!(
+        get(&s, "/sdapi/v1/options").json()["sd_model_checkpoint"],
+        "tiny-sd1"
+    );
     let p = get(&s, "/sdapi/v1/progress").json();
     for key in ["progress", "eta_relative", "state", "current_image"] {
         assert!(p.get(key).is_some(), "progress lacks {key}: {p}");
     }
     assert_eq!(post(&s, "/sdapi/v1/interrupt", "").status, 200);
     let doc = get(&s, "/openapi.json").json();
-    for path in ["/sdapi/v1/txt2img", "/api/jobs", "/api/jobs/{id}/events", "/api/gallery"] {
+    for path in [
+        "/sdapi/v1/txt2img",
+        "/api/jobs",
+        "/api/jobs/{id}/events",
+        "/api/gallery",
+    ] {
         assert!(doc["paths"].get(path).is_some(), "openapi lacks {path}");
     }
 }
@@ -184,7 +203,11 @@ fn img2img_uses_the_init_image() {
         &json!({"prompt": "x", "steps": 2, "init_image": png_base64(64, 64), "strength": 0.6, "width": 64, "height": 64}).to_string(),
     );
     assert_eq!(r.status, 202, "{}", r.body);
-    let job = wait_final(&s, r.json()["id"].as_str().unwrap(), Duration::from_secs(30));
+    let job = wait_final(
+        &s,
+        r.json()["id"].as_str().unwrap(),
+        Duration::from_secs(30),
+    );
     assert_eq!(job["status"], "done", "{job}");
     assert_eq!(job["img2img"], true);
 }
@@ -199,44 +222,233 @@ fn bad_inputs_get_4xx_with_a_message() {
     let not_an_image = base64::engine::general_purpose::STANDARD.encode(b"hello, not an image");
     let big = format!(r#"{{"prompt":"{}"}}"#, "a".repeat(2 << 20));
     let cases: Vec<(&str, &str, String, u16, &str)> = vec![
-        ("POST", "/sdapi/v1/txt2img", "{\"prompt\": ".into(), 400, "not valid JSON"),
-        ("POST", "/sdapi/v1/txt2img", "[1,2]".into(), 422, "JSON object"),
-        ("POST", "/sdapi/v1/txt2img", r#"{"prompt":"x","width":-64}"#.into(), 422, "width must be between"),
-        ("POST", "/sdapi/v1/txt2img", r#"{"prompt":"x","height":100000}"#.into(), 422, "height must be between"),
-        ("POST", "/sdapi/v1/txt2img", r#"{"prompt":"x","width":60}"#.into(), 422, "multiple of 8"),
-        ("POST", "/sdapi/v1/txt2img", r#"{"prompt":"x","steps":0}"#.into(), 422, "steps"),
-        ("POST", "/sdapi/v1/txt2img", r#"{"prompt":"x","steps":"many"}"#.into(), 422, "invalid type"),
-        ("POST", "/sdapi/v1/txt2img", r#"{"prompt":"x","sampler_name":"LMS Foo"}"#.into(), 422, "unknown sampler"),
-        ("POST", "/sdapi/v1/txt2img", r#"{"prompt":"x","batch_size":1000}"#.into(), 422, "batch_size"),
-        ("POST", "/sdapi/v1/txt2img", r#"{"prompt":"x","styles":["No Such Style"]}"#.into(), 422, "unknown style"),
-        ("POST", "/sdapi/v1/txt2img", r#"{"prompt":"x","override_settings":{"sd_model_checkpoint":"../../etc/passwd"}}"#.into(), 400, "not paths"),
-        ("POST", "/sdapi/v1/txt2img", r#"{"prompt":"x","override_settings":{"sd_model_checkpoint":"other-model"}}"#.into(), 422, "unknown model"),
-        ("POST", "/sdapi/v1/options", r#"{"sd_model_checkpoint":"..\\..\\x"}"#.into(), 400, "not paths"),
-        ("POST", "/sdapi/v1/img2img", format!(r#"{{"prompt":"x","init_images":["{garbage}"]}}"#), 422, "base64"),
-        ("POST", "/sdapi/v1/img2img", format!(r#"{{"prompt":"x","init_images":["{not_an_image}"]}}"#), 422, "init image"),
-        ("POST", "/sdapi/v1/img2img", r#"{"prompt":"x"}"#.into(), 422, "init_images"),
-        ("POST", "/sdapi/v1/img2img", r#"{"prompt":"x","init_images":[],"denoising_strength":2}"#.into(), 422, "init_images"),
-        ("POST", "/api/jobs", r#"{"prompt":"x","sampler":"euler"}"#.into(), 422, "unknown field"),
-        ("POST", "/api/jobs", r#"{"prompt":"x","scheduler":"lms"}"#.into(), 422, "unknown variant"),
-        ("POST", "/api/jobs", r#"{"prompt":"x","width":-8}"#.into(), 422, "invalid value"),
-        ("POST", "/api/jobs", r#"{"prompt":"x","strength":1.5}"#.into(), 422, "strength"),
-        ("POST", "/api/jobs", r#"{"prompt":"x","init_image":"!!!"}"#.into(), 422, "base64"),
+        (
+            "POST",
+            "/sdapi/v1/txt2img",
+            "{\"prompt\": ".into(),
+            400,
+            "not valid JSON",
+        ),
+        (
+            "POST",
+            "/sdapi/v1/txt2img",
+            "[1,2]".into(),
+            422,
+            "JSON object",
+        ),
+        (
+            "POST",
+            "/sdapi/v1/txt2img",
+            r#"{"prompt":"x","width":-64}"#.into(),
+            422,
+            "width must be between",
+        ),
+        (
+            "POST",
+            "/sdapi/v1/txt2img",
+            r#"{"prompt":"x","height":100000}"#.into(),
+            422,
+            "height must be between",
+        ),
+        (
+            "POST",
+            "/sdapi/v1/txt2img",
+            r#"{"prompt":"x","width":60}"#.into(),
+            422,
+            "multiple of 8",
+        ),
+        (
+            "POST",
+            "/sdapi/v1/txt2img",
+            r#"{"prompt":"x","steps":0}"#.into(),
+            422,
+            "steps",
+        ),
+        (
+            "POST",
+            "/sdapi/v1/txt2img",
+            r#"{"prompt":"x","steps":"many"}"#.into(),
+            422,
+            "invalid type",
+        ),
+        (
+            "POST",
+            "/sdapi/v1/txt2img",
+            r#"{"prompt":"x","sampler_name":"LMS Foo"}"#.into(),
+            422,
+            "unknown sampler",
+        ),
+        (
+            "POST",
+            "/sdapi/v1/txt2img",
+            r#"{"prompt":"x","batch_size":1000}"#.into(),
+            422,
+            "batch_size",
+        ),
+        (
+            "POST",
+            "/sdapi/v1/txt2img",
+            r#"{"prompt":"x","styles":["No Such Style"]}"#.into(),
+            422,
+            "unknown style",
+        ),
+        (
+            "POST",
+            "/sdapi/v1/txt2img",
+            r#"{"prompt":"x","override_settings":{"sd_model_checkpoint":"../../etc/passwd"}}"#
+                .into(),
+            400,
+            "not paths",
+        ),
+        (
+            "POST",
+            "/sdapi/v1/txt2img",
+            r#"{"prompt":"x","override_settings":{"sd_model_checkpoint":"other-model"}}"#.into(),
+            422,
+            "unknown model",
+        ),
+        (
+            "POST",
+            "/sdapi/v1/options",
+            r#"{"sd_model_checkpoint":"..\\..\\x"}"#.into(),
+            400,
+            "not paths",
+        ),
+        (
+            "POST",
+            "/sdapi/v1/img2img",
+            format!(r#"{{"prompt":"x","init_images":["{garbage}"]}}"#),
+            422,
+            "base64",
+        ),
+        (
+            "POST",
+            "/sdapi/v1/img2img",
+            format!(r#"{{"prompt":"x","init_images":["{not_an_image}"]}}"#),
+            422,
+            "init image",
+        ),
+        (
+            "POST",
+            "/sdapi/v1/img2img",
+            r#"{"prompt":"x"}"#.into(),
+            422,
+            "init_images",
+        ),
+        (
+            "POST",
+            "/sdapi/v1/img2img",
+            r#"{"prompt":"x","init_images":[],"denoising_strength":2}"#.into(),
+            422,
+            "init_images",
+        ),
+        (
+            "POST",
+            "/api/jobs",
+            r#"{"prompt":"x","sampler":"euler"}"#.into(),
+            422,
+            "unknown field",
+        ),
+        (
+            "POST",
+            "/api/jobs",
+            r#"{"prompt":"x","scheduler":"lms"}"#.into(),
+            422,
+            "unknown variant",
+        ),
+        (
+            "POST",
+            "/api/jobs",
+            r#"{"prompt":"x","width":-8}"#.into(),
+            422,
+            "invalid value",
+        ),
+        (
+            "POST",
+            "/api/jobs",
+            r#"{"prompt":"x","strength":1.5}"#.into(),
+            422,
+            "strength",
+        ),
+        (
+            "POST",
+            "/api/jobs",
+            r#"{"prompt":"x","init_image":"!!!"}"#.into(),
+            422,
+            "base64",
+        ),
         ("POST", "/api/jobs", big, 413, "length limit"),
-        ("GET", "/api/images/..%2F..%2Fensueno.db", String::new(), 400, "invalid image name"),
-        ("GET", "/api/images/..%2Fensueno.png", String::new(), 400, "invalid image name"),
-        ("GET", "/api/jobs/..%2F..%2Fetc", String::new(), 400, "invalid job id"),
-        ("GET", "/api/images/0123456789abcdef0123456789abcdef-0.png", String::new(), 404, "no image"),
-        ("GET", "/api/jobs/0123456789abcdef0123456789abcdef", String::new(), 404, "no job"),
-        ("DELETE", "/api/jobs/0123456789abcdef0123456789abcdef", String::new(), 404, "no job"),
-        ("GET", "/no/such/endpoint", String::new(), 404, "no such endpoint"),
+        (
+            "GET",
+            "/api/images/..%2F..%2Fensueno.db",
+            String::new(),
+            400,
+            "invalid image name",
+        ),
+        (
+            "GET",
+            "/api/images/..%2Fensueno.png",
+            String::new(),
+            400,
+            "invalid image name",
+        ),
+        (
+            "GET",
+            "/api/jobs/..%2F..%2Fetc",
+            String::new(),
+            400,
+            "invalid job id",
+        ),
+        (
+            "GET",
+            "/api/images/0123456789abcdef0123456789abcdef-0.png",
+            String::new(),
+            404,
+            "no image",
+        ),
+        (
+            "GET",
+            "/api/jobs/0123456789abcdef0123456789abcdef",
+            String::new(),
+            404,
+            "no job",
+        ),
+        (
+            "DELETE",
+            "/api/jobs/0123456789abcdef0123456789abcdef",
+            String::new(),
+            404,
+            "no job",
+        ),
+        (
+            "GET",
+            "/no/such/endpoint",
+            String::new(),
+            404,
+            "no such endpoint",
+        ),
     ];
     for (method, path, body, status, needle) in cases {
         let url = format!("{}{path}", s.url());
-        let r = call(method, &url, (method != "GET" && method != "DELETE").then_some(body.as_str()), None);
-        assert_eq!(r.status, status, "{method} {path} {}: {}", &body[..body.len().min(80)], r.body);
+        let r = call(
+            method,
+            &url,
+            (method != "GET" && method != "DELETE").then_some(body.as_str()),
+            None,
+        );
+        assert_eq!(
+            r.status,
+            status,
+            "{method} {path} {}: {}",
+            &body[..body.len().min(80)],
+            r.body
+        );
         let v = r.json();
         let detail = v["detail"].as_str().unwrap_or_default();
-        assert!(detail.contains(needle), "{method} {path}: '{detail}' should contain '{needle}'");
+        assert!(
+            detail.contains(needle),
+            "{method} {path}: '{detail}' should contain '{needle}'"
+        );
         assert!(v["error"].is_string(), "{}", r.body);
     }
     // None of them made a job, and the server still works.
@@ -253,15 +465,28 @@ fn api_token_guards_everything_but_the_page() {
     let s = start(c);
     let page = get(&s, "/");
     assert_eq!(page.status, 200);
-    assert!(page.body.contains("<html"), "{}", &page.body[..100.min(page.body.len())]);
+    assert!(
+        page.body.contains("<html"),
+        "{}",
+        &page.body[..100.min(page.body.len())]
+    );
     assert_eq!(get(&s, "/static/app.js").status, 200);
-    for path in ["/sdapi/v1/sd-models", "/api/gallery", "/openapi.json", "/api/styles"] {
+    for path in [
+        "/sdapi/v1/sd-models",
+        "/api/gallery",
+        "/openapi.json",
+        "/api/styles",
+    ] {
         let r = get(&s, path);
         assert_eq!(r.status, 401, "{path}");
         assert!(r.json()["detail"].as_str().unwrap().contains("Bearer"));
         let url = format!("{}{path}", s.url());
         assert_eq!(call("GET", &url, None, Some("wrong")).status, 401, "{path}");
-        assert_eq!(call("GET", &url, None, Some("s3cret-token")).status, 200, "{path}");
+        assert_eq!(
+            call("GET", &url, None, Some("s3cret-token")).status,
+            200,
+            "{path}"
+        );
     }
     let r = post(&s, "/sdapi/v1/txt2img", r#"{"prompt":"x","steps":1}"#);
     assert_eq!(r.status, 401);
@@ -275,13 +500,19 @@ fn full_queue_answers_429_with_retry_after() {
     c.max_queue = 2;
     let s = start(c);
     for _ in 0..2 {
-        assert_eq!(post(&s, "/api/jobs", r#"{"prompt":"x","steps":1}"#).status, 202);
+        assert_eq!(
+            post(&s, "/api/jobs", r#"{"prompt":"x","steps":1}"#).status,
+            202
+        );
     }
     let r = post(&s, "/api/jobs", r#"{"prompt":"x","steps":1}"#);
     assert_eq!(r.status, 429, "{}", r.body);
     let retry: u64 = r.retry_after.clone().expect("Retry-After").parse().unwrap();
     assert!(retry >= 1);
-    assert!(r.json()["detail"].as_str().unwrap().contains("queue is full"));
+    assert!(r.json()["detail"]
+        .as_str()
+        .unwrap()
+        .contains("queue is full"));
     let r = post(&s, "/sdapi/v1/txt2img", r#"{"prompt":"x","steps":1}"#);
     assert_eq!(r.status, 429);
 }
@@ -296,19 +527,30 @@ fn accepted_jobs_survive_a_restart() {
         c.workers = 0;
         let s = start(c);
         for n in 0..3 {
-            let r = post(&s, "/api/jobs", &json!({"prompt": format!("job {n}"), "steps": 2, "seed": n}).to_string());
+            let r = post(
+                &s,
+                "/api/jobs",
+                &json!({"prompt": format!("job {n}"), "steps": 2, "seed": n}).to_string(),
+            );
             assert_eq!(r.status, 202, "{}", r.body);
             ids.push(r.json()["id"].as_str().unwrap().to_string());
         }
-        assert_eq!(get(&s, &format!("/api/jobs/{}", ids[2])).json()["position"], 2);
+        assert_eq!(
+            get(&s, &format!("/api/jobs/{}", ids[2])).json()["position"],
+            2
+        );
         s.shutdown();
     }
     {
         // A crash in the middle of a job leaves it 'running' in the database.
-        let (store, _) = ensueno_server::store::Store::open(&dir.path().join("ensueno.db")).unwrap();
+        let (store, _) =
+            ensueno_server::store::Store::open(&dir.path().join("ensueno.db")).unwrap();
         let claimed = store.claim_next().unwrap().unwrap();
         assert_eq!(claimed.id, ids[0]);
-        assert_eq!(store.get(&ids[0]).unwrap().unwrap().status.as_str(), "running");
+        assert_eq!(
+            store.get(&ids[0]).unwrap().unwrap().status.as_str(),
+            "running"
+        );
     }
     let s = start(config(dir.path()));
     for (n, id) in ids.iter().enumerate() {
@@ -324,13 +566,21 @@ fn cancel_queued_and_running_jobs() {
     let dir = tempfile::tempdir().unwrap();
     let s = start(config(dir.path()));
     // A long job keeps the one worker busy while the second waits.
-    let long = post(&s, "/api/jobs", r#"{"prompt":"slow","steps":150,"width":256,"height":256}"#).json();
+    let long = post(
+        &s,
+        "/api/jobs",
+        r#"{"prompt":"slow","steps":150,"width":256,"height":256}"#,
+    )
+    .json();
     let queued = post(&s, "/api/jobs", r#"{"prompt":"never","steps":1}"#).json();
     let (long, queued) = (long["id"].as_str().unwrap(), queued["id"].as_str().unwrap());
     let url = |id: &str| format!("{}/api/jobs/{id}", s.url());
     let r = call("DELETE", &url(queued), None, None);
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(wait_final(&s, queued, Duration::from_secs(5))["status"], "cancelled");
+    assert_eq!(
+        wait_final(&s, queued, Duration::from_secs(5))["status"],
+        "cancelled"
+    );
     assert_eq!(call("DELETE", &url(queued), None, None).status, 409);
     // Wait until the long one runs, then cancel it.
     let t0 = Instant::now();
@@ -348,8 +598,17 @@ fn events_stream_progress_with_previews() {
     let dir = tempfile::tempdir().unwrap();
     let s = start(config(dir.path()));
     // A job ahead in line, so the watched one is still queued when we subscribe.
-    let first = post(&s, "/api/jobs", r#"{"prompt":"ahead","steps":20,"width":128,"height":128}"#).json();
-    let r = post(&s, "/api/jobs", r#"{"prompt":"watched","steps":4,"style":"Watercolor"}"#);
+    let first = post(
+        &s,
+        "/api/jobs",
+        r#"{"prompt":"ahead","steps":20,"width":128,"height":128}"#,
+    )
+    .json();
+    let r = post(
+        &s,
+        "/api/jobs",
+        r#"{"prompt":"watched","steps":4,"style":"Watercolor"}"#,
+    );
     assert_eq!(r.status, 202, "{}", r.body);
     let id = r.json()["id"].as_str().unwrap().to_string();
     let resp = agent()
@@ -371,7 +630,10 @@ fn events_stream_progress_with_previews() {
                 "status" => {
                     statuses.push(v["status"].as_str().unwrap().to_string());
                     if v["status"] == "done" {
-                        assert!(v["prompt_used"].as_str().unwrap().contains("watercolor painting of watched"));
+                        assert!(v["prompt_used"]
+                            .as_str()
+                            .unwrap()
+                            .contains("watercolor painting of watched"));
                         assert_eq!(v["images"].as_array().unwrap().len(), 1);
                     }
                 }
@@ -384,8 +646,19 @@ fn events_stream_progress_with_previews() {
             }
         }
     }
-    assert_eq!(statuses.first().map(String::as_str), Some("queued"), "{statuses:?}");
-    assert_eq!(statuses.last().map(String::as_str), Some("done"), "{statuses:?}");
+    assert_eq!(
+        statuses.first().map(String::as_str),
+        Some("queued"),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.last().map(String::as_str),
+        Some("done"),
+        "{statuses:?}"
+    );
     assert_eq!(steps, vec![1, 2, 3, 4]);
-    assert_eq!(wait_final(&s, first["id"].as_str().unwrap(), Duration::from_secs(60))["status"], "done");
+    assert_eq!(
+        wait_final(&s, first["id"].as_str().unwrap(), Duration::from_secs(60))["status"],
+        "done"
+    );
 }
