@@ -215,6 +215,13 @@ fn stop(started: Started) {
 pub fn serve(config: ServerConfig) -> anyhow::Result<()> {
     let addr = format!("{}:{}", config.host, config.port);
     let token = config.api_token.is_some();
+    let loopback = matches!(config.host.as_str(), "127.0.0.1" | "::1" | "localhost");
+    if !loopback && !token {
+        eprintln!(
+            "warning: listening on {} without --api-token: anyone who can reach this address can use the server",
+            config.host
+        );
+    }
     let started = start(config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

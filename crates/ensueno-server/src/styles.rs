@@ -106,4 +106,18 @@ mod tests {
         )
         .is_err());
     }
+
+    #[test]
+    fn data_dir_file_overrides_and_flag_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let mine = r#"[{"name":"Mine","prompt":"{prompt}, mine"}]"#;
+        std::fs::write(dir.path().join("styles.json"), mine).unwrap();
+        let styles = load_styles(None, dir.path()).unwrap();
+        assert_eq!(styles.len(), 1);
+        assert_eq!(styles[0].apply("x", "").0, "x, mine");
+        let flag = dir.path().join("flag.json");
+        std::fs::write(&flag, "{not json").unwrap();
+        let e = load_styles(Some(&flag), dir.path()).unwrap_err();
+        assert!(format!("{e:#}").contains("flag.json"), "{e:#}");
+    }
 }

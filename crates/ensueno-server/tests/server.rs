@@ -588,6 +588,20 @@ fn cancel_queued_and_running_jobs() {
         assert!(t0.elapsed() < Duration::from_secs(30));
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A1111's progress shows the running job with a preview.
+    let t0 = Instant::now();
+    let p = loop {
+        let p = get(&s, "/sdapi/v1/progress").json();
+        if p["state"]["sampling_step"].as_u64().unwrap_or(0) >= 1 {
+            break p;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "{p}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(p["state"]["job"], long);
+    assert_eq!(p["state"]["sampling_steps"], 150);
+    assert!(p["progress"].as_f64().unwrap() > 0.0);
+    decode_png(p["current_image"].as_str().expect("current_image"));
     assert_eq!(call("DELETE", &url(long), None, None).status, 200);
     let job = wait_final(&s, long, Duration::from_secs(30));
     assert_eq!(job["status"], "cancelled", "{job}");
