@@ -103,13 +103,13 @@ try {
 
   // img2img: upload the image just made.
   const imgPath = path.join(out, "init.png");
-  const src = await page.evaluate(() => document.querySelector("#gallery .card img").src);
-  const b64 = await page.evaluate(async (u) => {
-    const b = await (await fetch(u)).arrayBuffer();
+  const b64 = await page.evaluate(async () => {
+    const g = await (await fetch("/api/gallery")).json();
+    const b = await (await fetch(g.items[0].images[0])).arrayBuffer();
     let s = ""; const a = new Uint8Array(b);
     for (let i = 0; i < a.length; i++) s += String.fromCharCode(a[i]);
     return btoa(s);
-  }, src);
+  });
   writeFileSync(imgPath, Buffer.from(b64, "base64"));
   await page.setInputFiles("#init_image", imgPath);
   await page.waitForFunction(() => true);
