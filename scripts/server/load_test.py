@@ -111,6 +111,8 @@ def run_one(base, item, stats):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-queue", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the 200-request burst against the same server (RSS over time)")
     ap.add_argument("--json")
     args = ap.parse_args()
     random.seed(0)
@@ -130,13 +132,17 @@ def main():
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     valid, bad = requests_list()
-    items = [(True, x) for x in valid] + [(False, x) for x in bad]
-    random.shuffle(items)
     stats = {"lock": threading.Lock(), "429": 0}
+    results = []
+    rss_per_round = []
     t0 = time.time()
-    with ThreadPoolExecutor(max_workers=len(items)) as pool:
-        futures = [(ok, pool.submit(run_one, base, x, stats)) for ok, x in items]
-        results = [(ok, f.result()) for ok, f in futures]
+    for _ in range(args.rounds):
+        items = [(True, x) for x in valid] + [(False, x) for x in bad]
+        random.shuffle(items)
+        with ThreadPoolExecutor(max_workers=len(items)) as pool:
+            futures = [(ok, pool.submit(run_one, base, x, stats)) for ok, x in items]
+            results += [(ok, f.result()) for ok, f in futures]
+        rss_per_round.append(round(rss_kib(proc.pid) / 1024, 1))
     wall = time.time() - t0
     stop.set()
     sampler.join()
@@ -165,9 +171,10 @@ def main():
                 failures.append((kind, status, str(reply)[:200]))
     latencies.sort()
     summary = {
-        "requests": len(items),
-        "valid": len(valid), "valid_completed": valid_ok,
-        "malformed": len(bad), "malformed_4xx_with_message": bad_ok,
+        "rounds": args.rounds,
+        "requests": len(results),
+        "valid": len(valid) * args.rounds, "valid_completed": valid_ok,
+        "malformed": len(bad) * args.rounds, "malformed_4xx_with_message": bad_ok,
         "malformed_statuses": {k: sorted(v) for k, v in by_kind.items()},
         "queue_full_429_then_retried": stats["429"],
         "max_queue": args.max_queue,
@@ -176,14 +183,15 @@ def main():
                             "p95": round(latencies[int(len(latencies) * 0.95)], 2),
                             "max": round(latencies[-1], 2)},
         "rss_mib": {"before": round(rss_before / 1024, 1), "peak": round(max(rss) / 1024, 1),
-                    "after": round(rss_after / 1024, 1) if rss_after else None},
+                    "after": round(rss_after / 1024, 1) if rss_after else None,
+                    "after_each_round": rss_per_round},
         "failures": failures[:10],
     }
     print(json.dumps(summary, indent=2))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
-    ok = valid_ok == len(valid) and bad_ok == len(bad)
+    ok = valid_ok == len(valid) * args.rounds and bad_ok == len(bad) * args.rounds
     print("PASS" if ok else "FAIL", "load test")
     return 0 if ok else 1
 
