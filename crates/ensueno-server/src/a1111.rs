@@ -35,16 +35,22 @@ pub struct A1111Request {
     pub negative_prompt: String,
     /// Prompt style names; the first is looked up among ensueno's style presets.
     pub styles: Vec<String>,
+    #[serde(deserialize_with = "whole_number")]
     pub seed: i64,
     pub sampler_name: Option<String>,
     pub sampler_index: Option<String>,
     /// A1111 1.9+: the noise schedule ("automatic", "karras").
     pub scheduler: Option<String>,
+    #[serde(deserialize_with = "whole_number")]
     pub batch_size: i64,
+    #[serde(deserialize_with = "whole_number")]
     pub n_iter: i64,
+    #[serde(deserialize_with = "whole_number")]
     pub steps: i64,
     pub cfg_scale: f64,
+    #[serde(deserialize_with = "optional_whole_number")]
     pub width: Option<i64>,
+    #[serde(deserialize_with = "optional_whole_number")]
     pub height: Option<i64>,
     pub denoising_strength: Option<f64>,
     pub init_images: Vec<String>,
@@ -75,6 +81,31 @@ impl Default for A1111Request {
             override_settings: Map::new(),
             other: Map::new(),
         }
+    }
+}
+
+/// An integer, also written as a float with no fraction (`512.0`): Python
+/// clients compute sizes in floats, and A1111 (pydantic) accepts them.
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    as_whole_number(&Value::deserialize(d)?).map_err(serde::de::Error::custom)
+}
+
+fn optional_whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        v => as_whole_number(&v)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
+}
+
+fn as_whole_number(v: &Value) -> Result<i64, String> {
+    if let Some(i) = v.as_i64() {
+        return Ok(i);
+    }
+    match v.as_f64() {
+        Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(f as i64),
+        _ => Err(format!("invalid type: expected a whole number, got {v}")),
     }
 }
 

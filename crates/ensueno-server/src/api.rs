@@ -156,11 +156,13 @@ pub async fn get_job_handler(
         .ok_or_else(|| ApiError::not_found(format!("no job {id}")))
 }
 
-/// `DELETE /api/jobs/{id}`: cancels a queued or running job.
+/// `DELETE /api/jobs/{id}`: cancels a job. A queued one is cancelled at once
+/// (200); a running one stops at its next step (202: poll or follow its
+/// events for the final `cancelled`). The job stays visible with its status.
 pub async fn cancel_job(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     check_job_id(&id)?;
     let st = state.clone();
     let job = id.clone();
@@ -168,7 +170,12 @@ pub async fn cancel_job(
         .await
         .map_err(|e| ApiError::internal(e.to_string()))??;
     match outcome {
-        Some(status) => Ok(Json(json!({"id": id, "status": status}))),
+        Some(JobStatus::Running) => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"id": id, "status": "running", "cancel_requested": true})),
+        )
+            .into_response()),
+        Some(status) => Ok(Json(json!({"id": id, "status": status})).into_response()),
         None => match get_job(&state, &id).await? {
             Some(row) => Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -293,6 +300,9 @@ pub async fn image(
     }
 }
 
+/// The last page number accepted (keeps OFFSET arithmetic small).
+pub const MAX_PAGE: usize = 1_000_000;
+
 #[derive(Debug, Deserialize)]
 pub struct Page {
     /// 1-based page number.
@@ -314,10 +324,10 @@ pub async fn gallery(
     query: Result<Query<Page>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     let Query(page) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    if page.page == 0 || page.per_page == 0 || page.per_page > 100 {
-        return Err(ApiError::bad_request(
-            "page starts at 1 and per_page must be between 1 and 100",
-        ));
+    if page.page == 0 || page.page > MAX_PAGE || page.per_page == 0 || page.per_page > 100 {
+        return Err(ApiError::bad_request(format!(
+            "page must be between 1 and {MAX_PAGE} and per_page between 1 and 100"
+        )));
     }
     let offset = (page.page - 1).saturating_mul(page.per_page);
     let st = state.clone();

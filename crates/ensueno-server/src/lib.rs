@@ -115,7 +115,11 @@ pub fn router(state: Arc<AppState>) -> Router {
     let mut app = public
         .merge(protected)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
-        .layer(DefaultBodyLimit::max(state.config.max_body_bytes));
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limit_announced_body,
+        ));
     if !state.config.cors_origins.is_empty() {
         let origins: Vec<HeaderValue> = state
             .config
@@ -134,6 +138,34 @@ pub fn router(state: Arc<AppState>) -> Router {
         );
     }
     app.with_state(state)
+}
+
+/// Refuses a body whose announced `Content-Length` is over the limit before
+/// reading any of it (a client that sent `Expect: 100-continue` then never
+/// sends it). Bodies without a length are cut off by `DefaultBodyLimit`.
+async fn limit_announced_body(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let announced = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let max = state.config.max_body_bytes;
+    if announced.is_some_and(|n| n > max as u64) {
+        return ApiError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the request body is {} bytes; the length limit is {max} bytes (--max-body-mib)",
+                announced.unwrap_or(0)
+            ),
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 /// A started server: the state, and the engine threads.

@@ -183,8 +183,9 @@ impl Engine {
         self.live_map().get(id).cloned()
     }
 
-    /// Cancels a job: a queued one at once, a running one at its next step.
-    /// Returns the status it will end in, or `None` if it had already finished.
+    /// Cancels a job: a queued one at once (returns `Cancelled`), a running
+    /// one at its next step (returns `Running`: it is still running now).
+    /// `None` if it had already finished.
     pub fn cancel(&self, id: &str) -> anyhow::Result<Option<JobStatus>> {
         // Under the live lock, so a worker cannot claim the job in between.
         let live = self.live_map();
@@ -199,7 +200,7 @@ impl Engine {
         }
         if let Some(job) = live.get(id) {
             job.cancel.store(true, Ordering::SeqCst);
-            return Ok(Some(JobStatus::Cancelled));
+            return Ok(Some(JobStatus::Running));
         }
         Ok(None)
     }
