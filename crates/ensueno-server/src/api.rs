@@ -61,6 +61,17 @@ pub async fn create_job(
         Some(Value::String(s)) => Some(s),
         Some(_) => return Err(ApiError::unprocessable("style must be a preset name")),
     };
+    // JSON has one number type: `512.0` is the integer 512 to most clients.
+    for key in ["steps", "width", "height", "seed", "batch", "clip_skip"] {
+        if let Some(v) = fields.get_mut(key) {
+            if let Some(f) = v
+                .as_f64()
+                .filter(|f| v.is_f64() && f.fract() == 0.0 && *f >= 0.0 && *f < 9.0e15)
+            {
+                *v = json!(f as u64);
+            }
+        }
+    }
     let request: GenerationRequest = serde_json::from_value(Value::Object(fields))
         .map_err(|e| ApiError::unprocessable(e.to_string()))?;
     let (id, position) = submit(

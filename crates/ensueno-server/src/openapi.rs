@@ -95,7 +95,7 @@ pub fn spec(state: &AppState) -> Value {
                     "prompt": {"type": "string", "maxLength": limits.max_prompt_chars},
                     "negative_prompt": {"type": "string", "maxLength": limits.max_prompt_chars},
                     "styles": {"type": "array", "items": {"type": "string", "enum": styles}},
-                    "seed": {"type": "integer", "default": -1, "minimum": -1, "maximum": u32::MAX},
+                    "seed": {"type": "integer", "default": -1, "minimum": i64::MIN, "maximum": i64::MAX, "description": "negative = random"},
                     "sampler_name": {"type": "string", "enum": samplers},
                     "sampler_index": {"type": "string", "enum": samplers},
                     "scheduler": {"type": "string", "enum": ["automatic", "karras", "Automatic", "Karras"]},

@@ -200,7 +200,7 @@ fn img2img_uses_the_init_image() {
     let r = post(
         &s,
         "/api/jobs",
-        &json!({"prompt": "x", "steps": 2, "init_image": png_base64(64, 64), "strength": 0.6, "width": 64, "height": 64}).to_string(),
+        &json!({"prompt": "x", "steps": 2.0, "init_image": png_base64(64, 64), "strength": 0.6, "width": 64, "height": 64}).to_string(),
     );
     assert_eq!(r.status, 202, "{}", r.body);
     let job = wait_final(
