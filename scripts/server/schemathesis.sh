@@ -17,7 +17,11 @@ port=$((20000 + RANDOM % 20000))
   2> "$data/server.log" &
 server=$!
 trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; rm -rf "$data"' EXIT
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/" > /dev/null && break; sleep 0.2; done
+for _ in $(seq 300); do
+  curl -sf "http://127.0.0.1:$port/" > /dev/null && break
+  kill -0 "$server" 2>/dev/null || { cat "$data/server.log"; echo "the server did not start ($bin)"; exit 1; }
+  sleep 0.2
+done
 status=0
 (cd "$data" && "$st" run "http://127.0.0.1:$port/openapi.json" --checks all \
   --max-examples "${1:-50}") || status=$?
