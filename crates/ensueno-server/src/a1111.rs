@@ -261,8 +261,11 @@ async fn generate(
     )
     .await?;
     let row = wait_for_job(&state, &id).await?;
+    // A1111 clients that only want the files saved ask for no images back.
+    let send_images = a.other.get("send_images").and_then(Value::as_bool) != Some(false);
     let images = match row.status {
-        JobStatus::Done => read_images_base64(&state, &row).await?,
+        JobStatus::Done if send_images => read_images_base64(&state, &row).await?,
+        JobStatus::Done => Vec::new(),
         JobStatus::Cancelled => Vec::new(),
         _ => {
             return Err(ApiError::internal(format!(

@@ -141,9 +141,20 @@ fn txt2img_answers_like_a1111() {
     assert_eq!(info["negative_prompt"], "blurry");
     assert!(info["infotexts"][0].as_str().unwrap().contains("Seed: 7"));
 
-    // The same job shows in the gallery, pages of one.
-    let g = get(&s, "/api/gallery?page=1&per_page=1").json();
-    assert_eq!(g["total"], 1);
+    let quiet = post(
+        &s,
+        "/sdapi/v1/txt2img",
+        r#"{"prompt":"q","steps":1,"send_images":false}"#,
+    )
+    .json();
+    assert_eq!(quiet["images"], json!([]));
+
+    // The first job shows in the gallery, pages of one.
+    let g = get(&s, "/api/gallery?page=2&per_page=1").json();
+    assert_eq!(
+        (g["total"].as_u64(), g["pages"].as_u64()),
+        (Some(2), Some(2))
+    );
     assert_eq!(g["items"][0]["seeds"], json!([7, 8]));
     let url = g["items"][0]["images"][1].as_str().unwrap().to_string();
     let png = get(&s, &url);
