@@ -171,6 +171,12 @@ impl A1111Request {
         // A1111's n_iter batches run one after another with consecutive seeds:
         // the same images as one batch of batch_size * n_iter.
         r.batch = batch_size * n_iter;
+        if r.batch > limits.max_batch {
+            return Err(ApiError::unprocessable(format!(
+                "batch_size * n_iter must be at most {}, got {batch_size} * {n_iter}",
+                limits.max_batch
+            )));
+        }
         r.seed = (self.seed >= 0).then_some(self.seed as u64);
         if img2img {
             r.strength = self.denoising_strength.unwrap_or(0.75);
