@@ -88,7 +88,11 @@ def run_one(base, item, stats):
     t0 = time.time()
     retries = 0
     while True:
-        status, headers, reply = call(method, base + path, jbody, raw)
+        try:
+            status, headers, reply = call(method, base + path, jbody, raw)
+        except OSError as e:
+            # A failure of this test, reported rather than raised.
+            return kind, 0, {"detail": f"connection error: {e}"}, time.time() - t0, retries
         if status == 429:
             retries += 1
             with stats["lock"]:

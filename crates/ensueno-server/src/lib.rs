@@ -140,9 +140,11 @@ pub fn router(state: Arc<AppState>) -> Router {
     app.with_state(state)
 }
 
-/// Refuses a body whose announced `Content-Length` is over the limit before
-/// reading any of it (a client that sent `Expect: 100-continue` then never
-/// sends it). Bodies without a length are cut off by `DefaultBodyLimit`.
+/// Refuses a body announced with `Content-Length` over the limit and
+/// `Expect: 100-continue` before any of it is sent: the client waits for
+/// this answer. A client that sends its body straight away is answered by
+/// `DefaultBodyLimit` once the limit is read (answering it before reading
+/// leaves it blocked writing a body nobody reads).
 async fn limit_announced_body(
     axum::extract::State(state): axum::extract::State<Arc<AppState>>,
     request: axum::extract::Request,
@@ -154,8 +156,13 @@ async fn limit_announced_body(
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let expects_continue = request
+        .headers()
+        .get(axum::http::header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
     let max = state.config.max_body_bytes;
-    if announced.is_some_and(|n| n > max as u64) {
+    if expects_continue && announced.is_some_and(|n| n > max as u64) {
         return ApiError::new(
             axum::http::StatusCode::PAYLOAD_TOO_LARGE,
             format!(
