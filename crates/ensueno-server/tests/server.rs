@@ -718,3 +718,30 @@ fn events_stream_progress_with_previews() {
         "done"
     );
 }
+
+#[test]
+fn cors_is_off_unless_an_origin_is_allowed() {
+    let preflight = |s: &RunningServer| {
+        agent()
+            .request("OPTIONS", &format!("{}/api/jobs", s.url()))
+            .set("Origin", "http://example.test")
+            .set("Access-Control-Request-Method", "POST")
+            .call()
+            .map(|r| r.header("Access-Control-Allow-Origin").map(str::to_string))
+            .unwrap_or_else(|e| match e {
+                ureq::Error::Status(_, r) => {
+                    r.header("Access-Control-Allow-Origin").map(str::to_string)
+                }
+                e => panic!("{e}"),
+            })
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(config(dir.path()));
+    assert_eq!(preflight(&s), None);
+    s.shutdown();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.cors_origins = vec!["http://example.test".into()];
+    let s = start(c);
+    assert_eq!(preflight(&s).as_deref(), Some("http://example.test"));
+}
