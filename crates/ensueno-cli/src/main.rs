@@ -6,6 +6,7 @@ mod eval_text2image;
 mod export;
 mod generate;
 mod sample;
+mod serve;
 mod train;
 
 use std::process::ExitCode;
@@ -42,6 +43,8 @@ enum Command {
     /// Datasets: `ensueno data fetch mnist|fashion-mnist`.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// Serve an HTTP API (AUTOMATIC1111-compatible and ensueno's own) and a web page.
+    Serve(Box<serve::ServeArgs>),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval::run(args),
         Command::Data(command) => data::run(command),
         Command::Export(args) => export::run(args),
+        Command::Serve(args) => serve::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
