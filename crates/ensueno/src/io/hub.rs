@@ -65,6 +65,7 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     fetch_repo(spec)
 }
 
+#[cfg_attr(not(feature = "hub"), allow(dead_code))]
 fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
         .map(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"))
