@@ -282,18 +282,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         eprintln!("wrote {} ({} frames)", path.display(), frames.len());
     }
     for ((img, seed), path) in output.images.iter().zip(&output.seeds).zip(&outputs) {
-        let params = PngParameters {
-            prompt: request.prompt.clone(),
-            negative_prompt: request.negative_prompt.clone(),
-            steps: request.steps,
-            sampler: request.scheduler.a1111_name().to_string(),
-            cfg_scale: request.guidance_scale,
-            seed: *seed,
-            width: output.width,
-            height: output.height,
-            model: pipeline.name.clone(),
-            denoising_strength: args.init_image.as_ref().map(|_| request.strength),
-        };
+        let params = PngParameters::for_image(
+            &request,
+            *seed,
+            (output.width, output.height),
+            &pipeline.name,
+            args.init_image.is_some(),
+        );
         save_png_with_parameters(path, img, Some(&params.to_text()))
             .with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("wrote {} (seed {seed})", path.display());

@@ -380,18 +380,13 @@ impl Engine {
         let mut infotexts = Vec::new();
         for (n, (img, seed)) in output.images.iter().zip(&output.seeds).enumerate() {
             let image_id = format!("{}-{n}", job.id);
-            let params = PngParameters {
-                prompt: request.prompt.clone(),
-                negative_prompt: request.negative_prompt.clone(),
-                steps: request.steps,
-                sampler: request.scheduler.a1111_name().to_string(),
-                cfg_scale: request.guidance_scale,
-                seed: *seed,
-                width: output.width,
-                height: output.height,
-                model: pipeline.name.clone(),
-                denoising_strength: is_img2img.then_some(request.strength),
-            };
+            let params = PngParameters::for_image(
+                &request,
+                *seed,
+                (output.width, output.height),
+                &pipeline.name,
+                is_img2img,
+            );
             let text = params.to_text();
             save_png_with_parameters(&image_path(&self.images_dir(), &image_id), img, Some(&text))?;
             images.push(image_id);

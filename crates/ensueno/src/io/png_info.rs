@@ -32,6 +32,29 @@ pub struct PngParameters {
 }
 
 impl PngParameters {
+    /// The parameters of one image of a generation: its own seed, the size
+    /// it came out at, and the strength only for img2img.
+    pub fn for_image(
+        request: &crate::pipelines::GenerationRequest,
+        seed: u64,
+        (width, height): (usize, usize),
+        model: &str,
+        img2img: bool,
+    ) -> Self {
+        Self {
+            prompt: request.prompt.clone(),
+            negative_prompt: request.negative_prompt.clone(),
+            steps: request.steps,
+            sampler: request.scheduler.a1111_name().to_string(),
+            cfg_scale: request.guidance_scale,
+            seed,
+            width,
+            height,
+            model: model.to_string(),
+            denoising_strength: img2img.then_some(request.strength),
+        }
+    }
+
     /// The text of the `parameters` chunk.
     pub fn to_text(&self) -> String {
         let mut s = self.prompt.clone();

@@ -17,6 +17,7 @@ use candle_nn::{Optimizer, ParamsAdamW, VarBuilder};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use super::forward_process::{warmup_lr, with_diffusers_class, ForwardProcess};
 use super::{prefixed, strip_prefix, Batch, Ema, EpochContext, ParamStore, StepContext, TrainTask};
 use crate::io::atomic::write_json;
 use crate::models::unet_2d::{UNet2DConfig, UNet2DModel};
@@ -117,8 +118,7 @@ pub struct DiffusionTask {
     opt: AdamW,
     ema: Ema,
     base_lr: f64,
-    sqrt_ab: Vec<f64>,
-    sqrt_1m_ab: Vec<f64>,
+    forward: ForwardProcess,
     device: Device,
 }
 
@@ -161,16 +161,7 @@ impl DiffusionTask {
         )?;
         let ema = Ema::new(&params, recipe.ema_decay)?;
         // The same float32 schedule the samplers use.
-        let schedule = crate::schedulers::betas::NoiseSchedule::from_config(
-            &scheduler_config(&recipe),
-            false,
-        )?;
-        let sqrt_ab = schedule.alphas_cumprod.iter().map(|a| a.sqrt()).collect();
-        let sqrt_1m_ab = schedule
-            .alphas_cumprod
-            .iter()
-            .map(|a| (1. - a).sqrt())
-            .collect();
+        let forward = ForwardProcess::new(&scheduler_config(&recipe))?;
         Ok(Self {
             config,
             recipe,
@@ -179,8 +170,7 @@ impl DiffusionTask {
             opt,
             ema,
             base_lr: lr,
-            sqrt_ab,
-            sqrt_1m_ab,
+            forward,
             device: device.clone(),
         })
     }
@@ -220,19 +210,6 @@ impl DiffusionTask {
     }
 }
 
-/// Adds diffusers' `_class_name` / `_diffusers_version` to a config.
-/// Null keys are dropped: diffusers would pass them to constructors as
-/// `None` instead of using its defaults.
-fn with_class(value: serde_json::Value, class: &str) -> serde_json::Value {
-    let mut value = value;
-    if let Some(map) = value.as_object_mut() {
-        map.retain(|_, v| !v.is_null());
-        map.insert("_class_name".into(), class.into());
-        map.insert("_diffusers_version".into(), "0.42.1".into());
-    }
-    value
-}
-
 impl TrainTask for DiffusionTask {
     fn kind(&self) -> &str {
         "diffusion"
@@ -254,12 +231,7 @@ impl TrainTask for DiffusionTask {
         // Timesteps and label dropout from their own streams.
         let mut rng = ctx.uniform_rng(1);
         let ts: Vec<usize> = (0..b).map(|_| rng.random_range(0..t_count)).collect();
-        let coef = |v: &[f64]| -> Result<Tensor> {
-            let c: Vec<f32> = ts.iter().map(|&t| v[t] as f32).collect();
-            Ok(Tensor::from_vec(c, (b, 1, 1, 1), &self.device)?)
-        };
-        let xt = (x0.broadcast_mul(&coef(&self.sqrt_ab)?)?
-            + noise.broadcast_mul(&coef(&self.sqrt_1m_ab)?)?)?;
+        let (xt, t) = self.forward.noise(&x0, &noise, &ts, &self.device)?;
         let labels = match (&batch.labels, self.config.num_class_embeds) {
             (Some(l), Some(_)) => {
                 let null = self.recipe.class_names.len() as u32;
@@ -279,11 +251,6 @@ impl TrainTask for DiffusionTask {
             }
             _ => None,
         };
-        let t = Tensor::from_vec(
-            ts.iter().map(|&t| t as f32).collect::<Vec<_>>(),
-            b,
-            &self.device,
-        )?;
         let pred = self.model.forward(&xt, &t, labels.as_ref())?;
         let loss = candle_nn::loss::mse(&pred, &noise)?;
         let value = loss.to_scalar::<f32>()? as f64;
@@ -293,11 +260,7 @@ impl TrainTask for DiffusionTask {
             return Ok(vec![value]);
         }
         let warm = self.recipe.lr_warmup_steps;
-        let lr = if warm > 0 && ctx.step < warm {
-            self.base_lr * (ctx.step + 1) as f64 / warm as f64
-        } else {
-            self.base_lr
-        };
+        let lr = warmup_lr(self.base_lr, ctx.step, warm);
         self.opt.set_learning_rate(lr);
         let grads = loss.backward()?;
         self.opt.step(&grads)?;
@@ -359,7 +322,7 @@ impl TrainTask for DiffusionTask {
         }
         write_json(
             &unet.join("config.json"),
-            &with_class(super::to_json(&self.config)?, "UNet2DModel"),
+            &with_diffusers_class(super::to_json(&self.config)?, "UNet2DModel"),
         )?;
         crate::io::weights::save_safetensors(
             &unet.join("diffusion_pytorch_model.safetensors"),
@@ -368,7 +331,7 @@ impl TrainTask for DiffusionTask {
         )?;
         write_json(
             &sched.join("scheduler_config.json"),
-            &with_class(super::to_json(&self.scheduler_config())?, "DDPMScheduler"),
+            &with_diffusers_class(super::to_json(&self.scheduler_config())?, "DDPMScheduler"),
         )?;
         write_json(
             &dir.join(SAMPLING_JSON),

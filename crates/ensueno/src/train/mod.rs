@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod classifier;
 pub mod diffusion;
 pub mod ema;
+pub mod forward_process;
 pub mod gan;
 pub mod params;
 pub mod runner;

@@ -28,6 +28,7 @@ use candle_nn::{Optimizer, ParamsAdamW};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use super::forward_process::{warmup_lr, with_diffusers_class, ForwardProcess};
 use super::{prefixed, strip_prefix, Batch, Ema, EpochContext, ParamStore, StepContext, TrainTask};
 use crate::data::ImageDataset;
 use crate::io::atomic::write_json;
@@ -290,8 +291,7 @@ pub struct Text2ImageTask {
     opt: AdamW,
     ema: Ema,
     base_lr: f64,
-    sqrt_ab: Vec<f64>,
-    sqrt_1m_ab: Vec<f64>,
+    forward: ForwardProcess,
     /// TAESD latents of every training image, [N, 4, h, w].
     latents: Tensor,
     /// Token states of every distinct prompt, [P, T, D].
@@ -425,14 +425,7 @@ impl Text2ImageTask {
             },
         )?;
         let ema = Ema::new(&params, recipe.ema_decay)?;
-        let schedule =
-            crate::schedulers::betas::NoiseSchedule::from_config(&scheduler_config(recipe), false)?;
-        let sqrt_ab = schedule.alphas_cumprod.iter().map(|a| a.sqrt()).collect();
-        let sqrt_1m_ab = schedule
-            .alphas_cumprod
-            .iter()
-            .map(|a| (1. - a).sqrt())
-            .collect();
+        let forward = ForwardProcess::new(&scheduler_config(recipe))?;
         Ok(Self {
             config,
             frozen,
@@ -441,8 +434,7 @@ impl Text2ImageTask {
             opt,
             ema,
             base_lr: lr,
-            sqrt_ab,
-            sqrt_1m_ab,
+            forward,
             latents,
             text_states,
             prompt_rows,
@@ -465,19 +457,6 @@ impl Text2ImageTask {
     pub fn num_prompts(&self) -> usize {
         self.text_states.dim(0).unwrap_or(0)
     }
-}
-
-/// Adds diffusers' `_class_name` / `_diffusers_version` to a config and
-/// drops null keys (diffusers would pass them as `None` instead of using
-/// its defaults).
-fn with_class(value: serde_json::Value, class: &str) -> serde_json::Value {
-    let mut value = value;
-    if let Some(map) = value.as_object_mut() {
-        map.retain(|_, v| !v.is_null());
-        map.insert("_class_name".into(), class.into());
-        map.insert("_diffusers_version".into(), "0.42.1".into());
-    }
-    value
 }
 
 impl TrainTask for Text2ImageTask {
@@ -522,17 +501,7 @@ impl TrainTask for Text2ImageTask {
         let context = self
             .text_states
             .index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?;
-        let coef = |v: &[f64]| -> Result<Tensor> {
-            let c: Vec<f32> = ts.iter().map(|&t| v[t] as f32).collect();
-            Ok(Tensor::from_vec(c, (b, 1, 1, 1), &self.device)?)
-        };
-        let xt = (x0.broadcast_mul(&coef(&self.sqrt_ab)?)?
-            + noise.broadcast_mul(&coef(&self.sqrt_1m_ab)?)?)?;
-        let t = Tensor::from_vec(
-            ts.iter().map(|&t| t as f32).collect::<Vec<_>>(),
-            b,
-            &self.device,
-        )?;
+        let (xt, t) = self.forward.noise(&x0, &noise, &ts, &self.device)?;
         let pred = self.model.forward(&xt, &t, &context)?;
         let loss = candle_nn::loss::mse(&pred, &noise)?;
         let value = loss.to_scalar::<f32>()? as f64;
@@ -540,11 +509,7 @@ impl TrainTask for Text2ImageTask {
             return Ok(vec![value]);
         }
         let warm = recipe.lr_warmup_steps;
-        let lr = if warm > 0 && ctx.step < warm {
-            self.base_lr * (ctx.step + 1) as f64 / warm as f64
-        } else {
-            self.base_lr
-        };
+        let lr = warmup_lr(self.base_lr, ctx.step, warm);
         self.opt.set_learning_rate(lr);
         let grads = loss.backward()?;
         self.opt.step(&grads)?;
@@ -662,7 +627,7 @@ pub fn save_pipeline_folder(
     let unet_dir = sub("unet")?;
     write_json(
         &unet_dir.join("config.json"),
-        &with_class(super::to_json(&config.unet)?, "UNet2DConditionModel"),
+        &with_diffusers_class(super::to_json(&config.unet)?, "UNet2DConditionModel"),
     )?;
     crate::io::weights::save_safetensors(
         &unet_dir.join("diffusion_pytorch_model.safetensors"),
@@ -671,7 +636,7 @@ pub fn save_pipeline_folder(
     )?;
 
     let sched = sub("scheduler")?;
-    let mut sched_json = with_class(
+    let mut sched_json = with_diffusers_class(
         super::to_json(&scheduler_config(recipe))?,
         "DPMSolverMultistepScheduler",
     );
@@ -691,7 +656,7 @@ pub fn save_pipeline_folder(
     )?;
     write_json(
         &vae.join("config.json"),
-        &with_class(super::to_json(&vae_config)?, "AutoencoderTiny"),
+        &with_diffusers_class(super::to_json(&vae_config)?, "AutoencoderTiny"),
     )?;
 
     // The text encoder: BERT's config with the mask flag diffusers reads,
