@@ -38,7 +38,7 @@ torch.set_num_threads(threads)
 best = 1e9
 for i in range(runs):
     s = time.time()
-    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     image = pipe("an elephant", num_inference_steps=20, guidance_scale=4.0,
                  generator=torch.Generator().manual_seed(i)).images[0]
