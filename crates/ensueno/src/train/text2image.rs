@@ -256,12 +256,7 @@ impl FrozenParts {
             return Ok((tensors, AutoencoderTinyConfig::default()));
         }
         let config = AutoencoderTinyConfig::from_file(&self.taesd.join("config.json"))?;
-        let mut tensors: Vec<(String, Tensor)> = Vec::new();
-        for file in crate::io::model_folder::component_weight_files(&self.taesd)? {
-            tensors.extend(crate::io::weights::load_safetensors(&file, &Device::Cpu)?);
-        }
-        tensors.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok((tensors, config))
+        Ok((folder_tensors(&self.taesd)?, config))
     }
 }
 
@@ -578,6 +573,17 @@ impl TrainTask for Text2ImageTask {
     }
 }
 
+/// Every tensor of a component folder's weight files, on the CPU in their
+/// stored dtype, sorted by name (to copy a frozen part as it is).
+fn folder_tensors(dir: &Path) -> Result<Vec<(String, Tensor)>> {
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for file in crate::io::model_folder::component_weight_files(dir)? {
+        tensors.extend(crate::io::weights::load_safetensors(&file, &Device::Cpu)?);
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(tensors)
+}
+
 /// Images of one size in a grid, `columns` wide.
 fn tile(images: &[image::RgbImage], columns: usize) -> image::RgbImage {
     let (w, h) = images.first().map_or((1, 1), |i| i.dimensions());
@@ -669,12 +675,7 @@ pub fn save_pipeline_folder(
         map.insert("architectures".into(), serde_json::json!(["BertModel"]));
     }
     write_json(&te.join("config.json"), &te_config)?;
-    let weights = crate::io::model_folder::component_weight_files(&frozen.text_encoder)?;
-    let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    for file in &weights {
-        tensors.extend(crate::io::weights::load_safetensors(file, &Device::Cpu)?);
-    }
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let tensors = folder_tensors(&frozen.text_encoder)?;
     crate::io::weights::save_safetensors(&te.join("model.safetensors"), &tensors, None)?;
 
     // The tokenizer: padding and truncation live in tokenizer_config.json
