@@ -70,6 +70,13 @@ class ConvVAE(nn.Module):
         super().__init__()
         self.encoder = Encoder(**config)
         self.decoder = Decoder(**config)
+        # Keras' layer defaults, as ensueno's trainer does: Glorot-uniform
+        # kernels, zero biases (PyTorch's own default is Kaiming-uniform).
+        for name, p in self.named_parameters():
+            if name.endswith(".weight"):
+                nn.init.xavier_uniform_(p)
+            else:
+                nn.init.zeros_(p)
 
     def forward(self, x, eps):
         z_mean, z_log_var = self.encoder(x)

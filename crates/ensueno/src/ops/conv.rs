@@ -11,6 +11,10 @@
 //! * input gradient: `col(dX) = W^T x dY`, scattered back with col2im;
 //! * weight gradient: `dW = sum over images of dY x col(X)^T`.
 //!
+//! 3x3 stride-1 convolutions with enough channels (most of a UNet, and the
+//! input gradient of each) take Winograd's F(2x2, 3x3) instead
+//! (`conv/winograd.rs`): 2.25x fewer multiplications.
+//!
 //! Work is split into (image, group, tile) units spread over candle's CPU
 //! thread pool, each running a single-threaded GEMM. The transposed
 //! convolution is the input-gradient computation of the convolution with the
@@ -31,6 +35,9 @@ use candle_nn::VarBuilder;
 use gemm::Parallelism;
 
 use crate::{Error, Result};
+
+mod winograd;
+pub use winograd::set_enabled as set_winograd;
 
 /// Hyper-parameters of a 2D convolution (the same for both spatial axes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -471,6 +478,9 @@ fn col2im_add(g: &Geom, col: &[f32], cb: usize, oh0: usize, rows: usize, dx: &mu
 
 /// `y = conv(x, w)`: `x [n, c, h, w]`, `w [o, c/groups, kh, kw]` -> `[n, o, ho, wo]`.
 fn conv_fwd(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
+    if winograd::applies(g) {
+        return winograd::conv3x3(g, x, w);
+    }
     let mut y = vec![0f32; g.n * g.o * g.howo()];
     let (cg, og, kdim, howo) = (g.cg(), g.og(), g.kdim(), g.howo());
     let rows = if g.is_pointwise() {

@@ -37,6 +37,9 @@ impl std::fmt::Debug for ParamStore {
     }
 }
 
+/// Keeps Glorot draws independent of the default-init draws of the same name.
+const GLOROT_SALT: u64 = 0x676c_6f72_6f74;
+
 /// FNV-1a of the name mixed with the seed (SplitMix64 finaliser): a stable
 /// per-tensor stream id.
 pub(crate) fn stream_seed(seed: u64, name: &str) -> u64 {
@@ -174,6 +177,41 @@ impl ParamStore {
         Ok(())
     }
 
+    /// Re-draws every variable the way Keras initialises its layers by
+    /// default: `*.weight` from Glorot-uniform, `U(-l, l)` with
+    /// `l = sqrt(6 / (fan_in + fan_out))`, everything else (biases) zero.
+    /// Fans follow Keras: a dense `[out, in]` weight has fans `in` and `out`;
+    /// a convolution `[a, b, kh, kw]` has `a * kh * kw` and `b * kh * kw`
+    /// (the sum, all the bound needs, is the same for transposed ones).
+    /// Draws are keyed by seed and name like the first initialisation.
+    pub fn reinit_glorot_uniform(&self) -> Result<()> {
+        let vars = self.lock();
+        for (name, var) in vars.iter() {
+            let dims = var.dims();
+            let values = if name.ends_with(".weight") && dims.len() >= 2 {
+                let receptive: usize = dims[2..].iter().product();
+                let fans = (dims[0] + dims[1]) * receptive;
+                let limit = (6.0 / fans.max(1) as f64).sqrt();
+                let mut rng = ChaCha8Rng::seed_from_u64(stream_seed(self.seed ^ GLOROT_SALT, name));
+                init_values(
+                    Init::Uniform {
+                        lo: -limit,
+                        up: limit,
+                    },
+                    var.shape(),
+                    &mut rng,
+                )?
+            } else {
+                vec![0f32; var.elem_count()]
+            };
+            let t = Tensor::from_vec(values, var.shape(), &Device::Cpu)?
+                .to_dtype(var.dtype())?
+                .to_device(var.device())?;
+            var.set(&t)?;
+        }
+        Ok(())
+    }
+
     /// Writes the variables as one safetensors file (atomically).
     pub fn save_safetensors(&self, path: &Path, dtype: Option<DType>) -> Result<()> {
         let tensors = self
@@ -280,6 +318,33 @@ mod tests {
             .to_vec1::<f32>()?
             .iter()
             .all(|v| v.abs() <= bound));
+        Ok(())
+    }
+
+    #[test]
+    fn glorot_uniform_bounds_and_zero_biases() -> Result<()> {
+        let store = ParamStore::new(3);
+        let vb = store.var_builder(DType::F32, &Device::Cpu);
+        vb.get((64, 32, 3, 3), "conv.weight")?;
+        vb.get(64, "conv.bias")?;
+        vb.get((16, 3136), "dense.weight")?;
+        store.reinit_glorot_uniform()?;
+        let t: HashMap<String, Tensor> = store.tensors().into_iter().collect();
+        let conv = t["conv.weight"].flatten_all()?.to_vec1::<f32>()?;
+        let limit = (6f32 / ((64. + 32.) * 9.)).sqrt();
+        assert!(conv.iter().all(|v| v.abs() <= limit));
+        // Uniform on [-l, l] has standard deviation l / sqrt(3).
+        let var = conv.iter().map(|v| v * v).sum::<f32>() / conv.len() as f32;
+        assert!((var.sqrt() / (limit / 3f32.sqrt()) - 1.).abs() < 0.05);
+        let dense = t["dense.weight"].flatten_all()?.to_vec1::<f32>()?;
+        let limit = (6f32 / (16. + 3136.)).sqrt();
+        assert!(dense.iter().all(|v| v.abs() <= limit));
+        assert!(dense.iter().any(|v| v.abs() > 0.9 * limit));
+        assert!(t["conv.bias"]
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|&v| v == 0.));
         Ok(())
     }
 
