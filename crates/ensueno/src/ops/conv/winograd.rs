@@ -20,8 +20,9 @@
 //!
 //! Work is split into units of consecutive tile rows (of one image or
 //! several: small images are batched so the GEMMs stay wide), each running
-//! its 16 GEMMs single-threaded; units write disjoint output rows and their
-//! split does not depend on the thread count, so neither do the results.
+//! its 16 GEMMs single-threaded; units write disjoint output rows and sum
+//! nothing across units, so the result does not depend on timing (exact
+//! training resumes rely on that).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -86,33 +87,39 @@ pub fn set_enabled(on: bool) {
 }
 
 /// `U[ξ][o][c] = (G g G^T)[ξ]` for every filter `g = w[o][c]`, with
-/// `G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]`.
+/// `G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]`; in
+/// parallel over output channels (wide layers have millions of filters).
 fn transform_filters(o: usize, c: usize, w: &[f32]) -> Vec<f32> {
     let oc = o * c;
     let mut u = vec![0f32; 16 * oc];
-    for (p, g) in w.chunks_exact(9).enumerate() {
-        // Rows: t = G g (4x3).
-        let mut t = [[0f32; 3]; 4];
-        for j in 0..3 {
-            let (g0, g1, g2) = (g[j], g[3 + j], g[6 + j]);
-            t[0][j] = g0;
-            t[1][j] = 0.5 * (g0 + g1 + g2);
-            t[2][j] = 0.5 * (g0 - g1 + g2);
-            t[3][j] = g2;
-        }
-        // Columns: t G^T (4x4).
-        for (i, r) in t.iter().enumerate() {
-            let v = [
-                r[0],
-                0.5 * (r[0] + r[1] + r[2]),
-                0.5 * (r[0] - r[1] + r[2]),
-                r[2],
-            ];
-            for (j, &x) in v.iter().enumerate() {
-                u[(i * 4 + j) * oc + p] = x;
+    let up = SharedMut(u.as_mut_ptr());
+    for_each_unit(o, |_, oi, _| {
+        for (ci, g) in w[oi * c * 9..][..c * 9].chunks_exact(9).enumerate() {
+            // Rows: t = G g (4x3).
+            let mut t = [[0f32; 3]; 4];
+            for j in 0..3 {
+                let (g0, g1, g2) = (g[j], g[3 + j], g[6 + j]);
+                t[0][j] = g0;
+                t[1][j] = 0.5 * (g0 + g1 + g2);
+                t[2][j] = 0.5 * (g0 - g1 + g2);
+                t[3][j] = g2;
+            }
+            // Columns: t G^T (4x4).
+            for (i, r) in t.iter().enumerate() {
+                let v = [
+                    r[0],
+                    0.5 * (r[0] + r[1] + r[2]),
+                    0.5 * (r[0] - r[1] + r[2]),
+                    r[2],
+                ];
+                for (j, &x) in v.iter().enumerate() {
+                    // SAFETY: element (ξ, oi, ci) of `u`; unit oi is the
+                    // only writer of output channel oi.
+                    unsafe { *up.at((i * 4 + j) * oc + oi * c + ci) = x };
+                }
             }
         }
-    }
+    });
     u
 }
 
