@@ -47,8 +47,10 @@ fn tiles_per_unit() -> usize {
 const MIN_CHANNELS: usize = 16;
 
 /// Fewer tiles than this (a small image with many channels) would run the
-/// 16 GEMMs on too few columns to reuse the transformed filters.
-const MIN_TILES: usize = 128;
+/// 16 GEMMs on too few columns to reuse the transformed filters: on the
+/// development machine 2x1280x16x16 (128 tiles) ran 13% slower than im2col,
+/// every case from 512 tiles up faster (`examples/bench_winograd.rs`).
+const MIN_TILES: usize = 256;
 
 /// Whether `g` is a convolution this module computes (and is worth it).
 pub(super) fn applies(g: &Geom) -> bool {
