@@ -10,9 +10,7 @@ use candle_nn::{Optimizer, VarBuilder, VarMap};
 use ensueno::models::unet_2d::{UNet2DConfig, UNet2DModel};
 
 fn main() -> anyhow::Result<()> {
-    if std::env::var_os("ENSUENO_NO_MALLOPT").is_none() {
-        ensueno::utils::tune_allocator();
-    }
+    ensueno::utils::tune_allocator();
     let dev = Device::Cpu;
     let config = UNet2DConfig::ddpm_mnist_class_conditional();
     let b = 64;

@@ -346,17 +346,3 @@ fn conv2d_winograd() {
     // A wide image: tile rows of one image split over several units.
     check_conv(1, 16, 12, 600, 16, (3, 3), cfg(1, 1, 1, 1));
 }
-
-/// The Winograd path and the im2col path agree on the same convolution.
-#[test]
-fn winograd_matches_im2col() {
-    use ensueno::ops::conv::set_winograd;
-    let x = randn(&[8, 48, 14, 14]);
-    let w = randn(&[40, 48, 3, 3]);
-    let c = cfg(1, 1, 1, 1);
-    let fast = conv2d(&x, &w, None, &c).unwrap();
-    set_winograd(false);
-    let direct = conv2d(&x, &w, None, &c).unwrap();
-    set_winograd(true);
-    check("winograd vs im2col", &fast, &direct);
-}

@@ -479,8 +479,14 @@ fn col2im_add(g: &Geom, col: &[f32], cb: usize, oh0: usize, rows: usize, dx: &mu
 /// `y = conv(x, w)`: `x [n, c, h, w]`, `w [o, c/groups, kh, kw]` -> `[n, o, ho, wo]`.
 fn conv_fwd(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
     if winograd::applies(g) {
-        return winograd::conv3x3(g, x, w);
+        winograd::conv3x3(g, x, w)
+    } else {
+        conv_fwd_im2col(g, x, w)
     }
+}
+
+/// [`conv_fwd`] by im2col + GEMM, for every geometry.
+fn conv_fwd_im2col(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
     let mut y = vec![0f32; g.n * g.o * g.howo()];
     let (cg, og, kdim, howo) = (g.cg(), g.og(), g.kdim(), g.howo());
     let rows = if g.is_pointwise() {

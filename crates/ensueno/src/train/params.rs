@@ -26,19 +26,18 @@ use crate::{Error, Result};
 pub struct ParamStore {
     vars: Arc<Mutex<BTreeMap<String, Var>>>,
     seed: u64,
+    keras_defaults: bool,
 }
 
 impl std::fmt::Debug for ParamStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ParamStore")
             .field("seed", &self.seed)
+            .field("keras_defaults", &self.keras_defaults)
             .field("tensors", &self.len())
             .finish()
     }
 }
-
-/// Keeps Glorot draws independent of the default-init draws of the same name.
-const GLOROT_SALT: u64 = 0x676c_6f72_6f74;
 
 /// FNV-1a of the name mixed with the seed (SplitMix64 finaliser): a stable
 /// per-tensor stream id.
@@ -101,6 +100,42 @@ impl ParamStore {
         Self {
             vars: Arc::new(Mutex::new(BTreeMap::new())),
             seed,
+            keras_defaults: false,
+        }
+    }
+
+    /// A store that initialises as Keras' layers do by default, whatever
+    /// hint a module gives: weights of rank >= 2 from Glorot-uniform,
+    /// `U(-l, l)` with `l = sqrt(6 / (fan_in + fan_out))`, `*.bias` zero,
+    /// anything else (norm scales) as hinted. Fans follow Keras: a dense
+    /// `[out, in]` weight has fans `in` and `out`; a convolution
+    /// `[a, b, kh, kw]` has `a * kh * kw` and `b * kh * kw` (the sum, all the
+    /// bound needs, is the same for transposed ones).
+    pub fn keras_defaults(seed: u64) -> Self {
+        Self {
+            keras_defaults: true,
+            ..Self::new(seed)
+        }
+    }
+
+    /// The initialisation of a new variable: the module's hint, or Keras'
+    /// default for it (see [`Self::keras_defaults`]).
+    fn init_for(&self, name: &str, shape: &Shape, hint: Init) -> Init {
+        if !self.keras_defaults {
+            return hint;
+        }
+        let dims = shape.dims();
+        if name.ends_with(".bias") {
+            Init::Const(0.0)
+        } else if dims.len() >= 2 {
+            let receptive: usize = dims[2..].iter().product();
+            let limit = (6.0 / ((dims[0] + dims[1]) * receptive).max(1) as f64).sqrt();
+            Init::Uniform {
+                lo: -limit,
+                up: limit,
+            }
+        } else {
+            hint
         }
     }
 
@@ -177,41 +212,6 @@ impl ParamStore {
         Ok(())
     }
 
-    /// Re-draws every variable the way Keras initialises its layers by
-    /// default: `*.weight` from Glorot-uniform, `U(-l, l)` with
-    /// `l = sqrt(6 / (fan_in + fan_out))`, everything else (biases) zero.
-    /// Fans follow Keras: a dense `[out, in]` weight has fans `in` and `out`;
-    /// a convolution `[a, b, kh, kw]` has `a * kh * kw` and `b * kh * kw`
-    /// (the sum, all the bound needs, is the same for transposed ones).
-    /// Draws are keyed by seed and name like the first initialisation.
-    pub fn reinit_glorot_uniform(&self) -> Result<()> {
-        let vars = self.lock();
-        for (name, var) in vars.iter() {
-            let dims = var.dims();
-            let values = if name.ends_with(".weight") && dims.len() >= 2 {
-                let receptive: usize = dims[2..].iter().product();
-                let fans = (dims[0] + dims[1]) * receptive;
-                let limit = (6.0 / fans.max(1) as f64).sqrt();
-                let mut rng = ChaCha8Rng::seed_from_u64(stream_seed(self.seed ^ GLOROT_SALT, name));
-                init_values(
-                    Init::Uniform {
-                        lo: -limit,
-                        up: limit,
-                    },
-                    var.shape(),
-                    &mut rng,
-                )?
-            } else {
-                vec![0f32; var.elem_count()]
-            };
-            let t = Tensor::from_vec(values, var.shape(), &Device::Cpu)?
-                .to_dtype(var.dtype())?
-                .to_device(var.device())?;
-            var.set(&t)?;
-        }
-        Ok(())
-    }
-
     /// Writes the variables as one safetensors file (atomically).
     pub fn save_safetensors(&self, path: &Path, dtype: Option<DType>) -> Result<()> {
         let tensors = self
@@ -243,7 +243,7 @@ impl SimpleBackend for ParamStore {
             return Ok(v.as_tensor().clone());
         }
         let mut rng = ChaCha8Rng::seed_from_u64(stream_seed(self.seed, name));
-        let values = init_values(h, &s, &mut rng)?;
+        let values = init_values(self.init_for(name, &s, h), &s, &mut rng)?;
         let t = Tensor::from_vec(values, s, &Device::Cpu)?
             .to_dtype(dtype)?
             .to_device(dev)?;
@@ -322,29 +322,29 @@ mod tests {
     }
 
     #[test]
-    fn glorot_uniform_bounds_and_zero_biases() -> Result<()> {
-        let store = ParamStore::new(3);
+    fn keras_defaults_glorot_uniform_and_zero_biases() -> Result<()> {
+        let store = ParamStore::keras_defaults(3);
         let vb = store.var_builder(DType::F32, &Device::Cpu);
-        vb.get((64, 32, 3, 3), "conv.weight")?;
-        vb.get(64, "conv.bias")?;
-        vb.get((16, 3136), "dense.weight")?;
-        store.reinit_glorot_uniform()?;
-        let t: HashMap<String, Tensor> = store.tensors().into_iter().collect();
-        let conv = t["conv.weight"].flatten_all()?.to_vec1::<f32>()?;
+        let conv = vb.get_with_hints(
+            (64, 32, 3, 3),
+            "conv.weight",
+            candle_nn::init::DEFAULT_KAIMING_UNIFORM,
+        )?;
+        let bias = vb.get_with_hints(64, "conv.bias", Init::Const(1.0))?;
+        let dense = vb.get((16, 3136), "dense.weight")?;
+        let scale = vb.get_with_hints(8, "norm.weight", Init::Const(1.0))?;
+        let conv = conv.flatten_all()?.to_vec1::<f32>()?;
         let limit = (6f32 / ((64. + 32.) * 9.)).sqrt();
         assert!(conv.iter().all(|v| v.abs() <= limit));
         // Uniform on [-l, l] has standard deviation l / sqrt(3).
         let var = conv.iter().map(|v| v * v).sum::<f32>() / conv.len() as f32;
         assert!((var.sqrt() / (limit / 3f32.sqrt()) - 1.).abs() < 0.05);
-        let dense = t["dense.weight"].flatten_all()?.to_vec1::<f32>()?;
+        let dense = dense.flatten_all()?.to_vec1::<f32>()?;
         let limit = (6f32 / (16. + 3136.)).sqrt();
         assert!(dense.iter().all(|v| v.abs() <= limit));
         assert!(dense.iter().any(|v| v.abs() > 0.9 * limit));
-        assert!(t["conv.bias"]
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .iter()
-            .all(|&v| v == 0.));
+        assert!(bias.to_vec1::<f32>()?.iter().all(|&v| v == 0.));
+        assert!(scale.to_vec1::<f32>()?.iter().all(|&v| v == 1.));
         Ok(())
     }
 

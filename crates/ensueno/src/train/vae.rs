@@ -69,11 +69,10 @@ impl VaeTask {
         if let Some(t) = &test_set {
             check_dataset(&config, t)?;
         }
-        let params = ParamStore::new(options.seed);
-        let model = ConvVAE::new(params.var_builder(DType::F32, device), &config)?;
         // Keras' layer defaults (Glorot-uniform kernels, zero biases), so the
         // recipe starts where the Keras example and the PyTorch twin start.
-        params.reinit_glorot_uniform()?;
+        let params = ParamStore::keras_defaults(options.seed);
+        let model = ConvVAE::new(params.var_builder(DType::F32, device), &config)?;
         // Keras' Adam defaults (beta 0.9 / 0.999, epsilon 1e-7), no decay.
         let recipe = VaeRecipe {
             lr: options.lr,
