@@ -190,6 +190,9 @@ fn attention_candle(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 }
 
 fn main() -> Result<()> {
+    // As the `ensueno` binary does: without it glibc maps and unmaps the
+    // step's large buffers on every call (page faults on each first touch).
+    ensueno::utils::tune_allocator();
     let filters: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))

@@ -1,6 +1,7 @@
 //! Splits one DDPM train step (the `train_step` figure of `benches/cpu.rs`:
 //! `UNet2DModel` 28x28x1, batch 64) into forward + loss, backward and the
-//! AdamW update, and prints the best of a few runs of each phase.
+//! AdamW update; prints each step's wall time (stderr) and the best of the
+//! eight runs of each phase.
 //! Run: `RAYON_NUM_THREADS=2 cargo run --release -p ensueno --example profile_train_step`.
 
 use std::time::Instant;
@@ -23,7 +24,7 @@ fn main() -> anyhow::Result<()> {
     let mut opt =
         ensueno::ops::adamw::AdamW::new(varmap.all_vars(), candle_nn::ParamsAdamW::default())?;
     let (mut fwd, mut bwd, mut step) = (f64::MAX, f64::MAX, f64::MAX);
-    for _ in 0..5 {
+    for _ in 0..8 {
         let t0 = Instant::now();
         let pred = model.forward(&x, &t, Some(&labels))?;
         let loss = candle_nn::loss::mse(&pred, &noise)?;
@@ -32,6 +33,7 @@ fn main() -> anyhow::Result<()> {
         let t2 = Instant::now();
         opt.step(&grads)?;
         let t3 = Instant::now();
+        eprintln!("step {:.3} s", (t3 - t0).as_secs_f64());
         fwd = fwd.min((t1 - t0).as_secs_f64());
         bwd = bwd.min((t2 - t1).as_secs_f64());
         step = step.min((t3 - t2).as_secs_f64());

@@ -12,7 +12,7 @@
 //! * weight gradient: `dW = sum over images of dY x col(X)^T`.
 //!
 //! 3x3 stride-1 convolutions with enough channels (most of a UNet, and the
-//! input gradient of each) take Winograd's F(2x2, 3x3) instead
+//! input and weight gradients of each) take Winograd's F(2x2, 3x3) instead
 //! (`conv/winograd.rs`): 2.25x fewer multiplications.
 //!
 //! Work is split into (image, group, tile) units spread over candle's CPU
@@ -691,6 +691,15 @@ fn conv_grad_input(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
 /// `dw = conv_weight_grad(x, dy)`: `x [n, c, h, w]`, `dy [n, o, ho, wo]`
 /// -> `[o, c/groups, kh, kw]`.
 fn conv_grad_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    if winograd::grad_weight_applies(g) {
+        winograd::grad_weight3x3(g, x, dy)
+    } else {
+        conv_grad_weight_im2col(g, x, dy)
+    }
+}
+
+/// [`conv_grad_weight`] by im2col + GEMM, for every geometry.
+fn conv_grad_weight_im2col(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let (cg, og, kdim, howo) = (g.cg(), g.og(), g.kdim(), g.howo());
     let wlen = g.o * kdim;
     let threads = n_threads();

@@ -55,6 +55,39 @@ macro_rules! multiversion {
             inner($($arg),*)
         }
     };
+    ($(#[$m:meta])* $vis:vis unsafe fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+        $vis unsafe fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+            unsafe fn inner($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v4($($arg: $ty),*) $(-> $ret)? {
+                    // SAFETY: the caller's contract is `inner`'s.
+                    unsafe { inner($($arg),*) }
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v3($($arg: $ty),*) $(-> $ret)? {
+                    // SAFETY: the caller's contract is `inner`'s.
+                    unsafe { inner($($arg),*) }
+                }
+                match $crate::ops::group_norm::simd_level() {
+                    // SAFETY: the CPU features were detected at run time;
+                    // the rest of the contract is the caller's.
+                    2 => return unsafe { v4($($arg),*) },
+                    1 => return unsafe { v3($($arg),*) },
+                    _ => {}
+                }
+            }
+            // SAFETY: forwarded to the caller.
+            unsafe { inner($($arg),*) }
+        }
+    };
 }
 pub(crate) use multiversion;
 

@@ -18,15 +18,21 @@
 //! the usual accumulation error, which the tests bound against candle's
 //! direct convolution.
 //!
+//! The weight gradient is the same algorithm transposed:
+//! `G^T [(A dY A^T) ⊙ (B^T d B)] G` summed over tiles, 16 GEMMs whose inner
+//! dimension is the tile count ([`grad_weight3x3`]).
+//!
 //! Work is split into units of consecutive tile rows (of one image or
 //! several: small images are batched so the GEMMs stay wide), each running
-//! its 16 GEMMs single-threaded; units write disjoint output rows and sum
-//! nothing across units, so the result does not depend on timing (exact
-//! training resumes rely on that).
+//! its 16 GEMMs single-threaded; in the forward pass units write disjoint
+//! output rows, and in the weight gradient each thread sums a fixed range
+//! of units and the threads' sums are added in order, so neither result
+//! depends on timing (exact training resumes rely on that).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use super::{for_each_unit, with_tile, Geom, SharedMut};
+use super::{for_each_unit, for_each_unit_static, with_tile, Geom, SharedMut};
+use crate::ops::group_norm::multiversion;
 
 /// Tiles per unit to aim for: enough GEMM columns for the kernels to run at
 /// full width, few enough for the transformed patches to stay cache-resident
@@ -64,6 +70,17 @@ pub(super) fn applies(g: &Geom) -> bool {
         && g.o >= MIN_CHANNELS
         && g.n * g.ho.div_ceil(2) * g.wo.div_ceil(2) >= MIN_TILES
         && enabled()
+}
+
+/// Largest total of the weight gradient's per-thread sums (`16 O C` floats
+/// per thread): beyond glibc's largest mmap threshold each call maps fresh
+/// pages, and their faults cost more than Winograd saves (2x640x32x32 ran
+/// 3.5x slower than im2col with 52 MB of sums on 2 threads).
+const MAX_GRAD_WEIGHT_SUMS_BYTES: usize = 32 << 20;
+
+/// Whether [`grad_weight3x3`] computes the weight gradient of `g`.
+pub(super) fn grad_weight_applies(g: &Geom) -> bool {
+    applies(g) && 16 * g.o * g.c * super::n_threads() * 4 <= MAX_GRAD_WEIGHT_SUMS_BYTES
 }
 
 /// 0: not decided yet (read `ENSUENO_WINOGRAD`), 1: on, 2: off.
@@ -156,12 +173,11 @@ pub(super) fn conv3x3(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
     let u = transform_filters(o, c, w);
     let mut y = vec![0f32; g.n * o * g.ho * g.wo];
     let yp = SharedMut(y.as_mut_ptr());
-    let row_len = tw + 1;
     for_each_unit(units, |_, unit, par| {
         let q0 = unit * rows;
         let r = rows.min(total - q0);
         let tiles = r * tw;
-        with_tile(16 * (c + o) * tiles + 18 * row_len, |buf| {
+        with_tile(16 * (c + o) * tiles + input_scratch_len(tw, tiles), |buf| {
             let (v, rest) = buf.split_at_mut(16 * c * tiles);
             let (m, scratch) = rest.split_at_mut(16 * o * tiles);
             transform_input(g, x, q0, r, v, scratch);
@@ -192,143 +208,355 @@ pub(super) fn conv3x3(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
     y
 }
 
-/// Fills `v[k][ci][t]` with `B^T d B` of the 4x4 patch of every tile `t` of
-/// global tile rows `q0 .. q0 + r` and every channel, with
-/// `B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`.
+/// `dw = conv_weight_grad(x, dy)` for a geometry accepted by
+/// [`grad_weight_applies`]:
+/// `x [n, c, h, w]`, `dy [n, o, ho, wo]` -> `[o, c, 3, 3]`.
 ///
-/// Input rows are loaded split into even and odd padded columns, so that the
-/// 4 columns `2tc .. 2tc + 4` of tile `tc` are `e[tc], o[tc], e[tc + 1],
-/// o[tc + 1]`: every loop below runs over contiguous slices.
-#[inline(never)]
-fn transform_input(g: &Geom, x: &[f32], q0: usize, r: usize, v: &mut [f32], scratch: &mut [f32]) {
-    let (c, h, wd, pad) = (g.c, g.h, g.w, g.pad);
+/// The transpose of the forward algorithm: the gradient of
+/// `A^T [(G g G^T) ⊙ V] A` with respect to `g`, against an output gradient
+/// `dY`, is `G^T [(A dY A^T) ⊙ V] G`. Summed over tiles, that is 16 GEMMs
+/// `M[ξ] += D[ξ] V[ξ]^T` with `D[ξ] [O, tiles]` (transformed output
+/// gradients) and `V[ξ] [C, tiles]` (the forward's transformed patches),
+/// whose inner dimension is the tile count; the 3x3 output transform runs
+/// once, on the sums. Each thread sums its fixed range of units into its
+/// own `M`, and the partial sums are added in thread order, so the result
+/// does not depend on timing.
+pub(super) fn grad_weight3x3(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let (c, o) = (g.c, g.o);
     let (th, tw) = (g.ho.div_ceil(2), g.wo.div_ceil(2));
-    let tiles = r * tw;
-    let plane = c * tiles;
-    let len = tw + 1;
-    // d: 4 input rows as (even, odd) column pairs; t: B^T d, same layout;
-    // padded: one zero-padded input row.
-    let (d, rest) = scratch[..18 * len].split_at_mut(8 * len);
-    let (t, padded) = rest.split_at_mut(8 * len);
-    padded.fill(0.0);
-    // Padded column p is input column p - pad.
-    let (lo, hi) = (pad.min(2 * len), (pad + wd).min(2 * len));
-    for ci in 0..c {
-        for rr in 0..r {
-            let q = q0 + rr;
-            let (ni, tr) = (q / th, q % th);
-            let xc = &x[(ni * c + ci) * h * wd..][..h * wd];
-            let top = 2 * tr as isize - pad as isize;
-            for (i, dd) in d.chunks_exact_mut(2 * len).enumerate() {
-                let (even, odd) = dd.split_at_mut(len);
-                let ih = top + i as isize;
-                if ih < 0 || ih >= h as isize {
-                    even.fill(0.0);
-                    odd.fill(0.0);
-                    continue;
-                }
-                let src = &xc[ih as usize * wd..][..wd];
-                padded[lo..hi].copy_from_slice(&src[..hi - lo]);
-                for ((e, o), pair) in even
-                    .iter_mut()
-                    .zip(odd.iter_mut())
-                    .zip(padded.chunks_exact(2))
-                {
-                    *e = pair[0];
-                    *o = pair[1];
+    let total = g.n * th;
+    let threads = super::n_threads();
+    let oc = o * c;
+    // Every unit adds 16 GEMM results of O x C into its thread's sum: with
+    // short units that read-modify-write of M outweighs the multiplications
+    // (2x640x32x32 ran 3x slower than im2col with 64-tile units), so a unit
+    // spans at least 8 O C / (O + C) tiles, which keeps M's traffic under a
+    // quarter of the patches'. Units come in multiples of the thread count:
+    // the static split gives each thread the same number.
+    let min_tiles = tiles_per_unit().max(8 * oc / (o + c));
+    let per_thread = total.div_ceil(threads);
+    let rows = min_tiles.div_ceil(tw).clamp(1, per_thread.max(1));
+    let units = threads * total.div_ceil(threads * rows);
+    let rows = total.div_ceil(units);
+    let units = total.div_ceil(rows);
+    let mlen = 16 * oc;
+    let mut partial = vec![0f32; threads * mlen];
+    let pp = SharedMut(partial.as_mut_ptr());
+    for_each_unit_static(units, |tid, unit, par| {
+        let q0 = unit * rows;
+        let r = rows.min(total - q0);
+        let tiles = r * tw;
+        with_tile(16 * (c + o) * tiles + input_scratch_len(tw, tiles), |buf| {
+            let (v, rest) = buf.split_at_mut(16 * c * tiles);
+            let (d, scratch) = rest.split_at_mut(16 * o * tiles);
+            transform_input(g, x, q0, r, v, scratch);
+            transform_grad_output(g, dy, q0, r, d);
+            for k in 0..16 {
+                // SAFETY: lhs D[k] [o, tiles] and rhs V[k]^T [tiles, c]
+                // (strides 1, tiles) lie in `d` and `v`; dst M[k] [o, c] is
+                // in thread `tid`'s partial sum, which only this thread
+                // touches (its units run one after the other).
+                unsafe {
+                    crate::ops::sgemm(
+                        (o, c, tiles),
+                        pp.at(tid * mlen + k * oc),
+                        (c, 1),
+                        true,
+                        d[k * o * tiles..].as_ptr(),
+                        (tiles, 1),
+                        v[k * c * tiles..].as_ptr(),
+                        (1, tiles),
+                        1.0,
+                        par,
+                    )
                 }
             }
-            let (d0, rest) = d.split_at(2 * len);
-            let (d1, rest) = rest.split_at(2 * len);
-            let (d2, d3) = rest.split_at(2 * len);
-            let (t0, rest) = t.split_at_mut(2 * len);
-            let (t1, rest) = rest.split_at_mut(2 * len);
-            let (t2, t3) = rest.split_at_mut(2 * len);
-            for p in 0..2 * len {
-                t0[p] = d0[p] - d2[p];
-                t1[p] = d1[p] + d2[p];
-                t2[p] = d2[p] - d1[p];
-                t3[p] = d1[p] - d3[p];
-            }
-            let base = ci * tiles + rr * tw;
-            for (i, ti) in [&*t0, &*t1, &*t2, &*t3].into_iter().enumerate() {
-                let (e, o) = ti.split_at(len);
-                let at = |j: usize| (4 * i + j) * plane + base;
-                let (lo, hi) = v.split_at_mut(at(2));
-                let (v0, v1) = lo[at(0)..].split_at_mut(plane);
-                let (v2, v3) = hi.split_at_mut(plane);
-                let (v0, v1, v2, v3) = (&mut v0[..tw], &mut v1[..tw], &mut v2[..tw], &mut v3[..tw]);
-                let (e0, e1, o0, o1) = (&e[..tw], &e[1..=tw], &o[..tw], &o[1..=tw]);
+        });
+    });
+    let (m, rest) = partial.split_at_mut(mlen);
+    for p in rest.chunks_exact(mlen) {
+        for (a, b) in m.iter_mut().zip(p) {
+            *a += *b;
+        }
+    }
+    // dw = G^T M G with G^T = [[1, 1/2, 1/2, 0], [0, 1/2, -1/2, 0],
+    // [0, 1/2, 1/2, 1]], for every (o, c).
+    let mut dw = vec![0f32; oc * 9];
+    for (e, out) in dw.chunks_exact_mut(9).enumerate() {
+        let at = |i: usize, j: usize| m[(4 * i + j) * oc + e];
+        // Rows: p = G^T M (3x4), kept as its 4 columns.
+        let cols: [[f32; 3]; 4] = std::array::from_fn(|j| {
+            let (m0, m1, m2, m3) = (at(0, j), at(1, j), at(2, j), at(3, j));
+            [m0 + 0.5 * (m1 + m2), 0.5 * (m1 - m2), 0.5 * (m1 + m2) + m3]
+        });
+        // Columns: p G (3x3).
+        for (a, row) in out.chunks_exact_mut(3).enumerate() {
+            let [p0, p1, p2, p3] = cols.map(|col| col[a]);
+            row[0] = p0 + 0.5 * (p1 + p2);
+            row[1] = 0.5 * (p1 - p2);
+            row[2] = 0.5 * (p1 + p2) + p3;
+        }
+    }
+    dw
+}
+
+multiversion! {
+    /// Fills `d[ξ][oi][t]` with `A dY A^T` of the 2x2 output-gradient block of
+    /// every tile `t` of global tile rows `q0 .. q0 + r` and every output
+    /// channel, with `A = [[1, 0], [1, 1], [1, -1], [0, -1]]`; positions past an
+    /// odd edge count as zero (their outputs do not exist).
+    #[inline(never)]
+    fn transform_grad_output(g: &Geom, dy: &[f32], q0: usize, r: usize, d: &mut [f32]) {
+        let (o, ho, wo) = (g.o, g.ho, g.wo);
+        let (th, tw) = (ho.div_ceil(2), wo.div_ceil(2));
+        let tiles = r * tw;
+        let plane = o * tiles;
+        // Even and odd columns of the block's two rows, and of A dY's four.
+        let mut cols = vec![0f32; 4 * tw];
+        let mut rows = vec![0f32; 8 * tw];
+        for oi in 0..o {
+            for rr in 0..r {
+                let q = q0 + rr;
+                let (ni, tr) = (q / th, q % th);
+                let (top, bottom) = cols.split_at_mut(2 * tw);
+                for (dr, dst) in [top, bottom].into_iter().enumerate() {
+                    let (even, odd) = dst.split_at_mut(tw);
+                    let oh = 2 * tr + dr;
+                    if oh >= ho {
+                        even.fill(0.0);
+                        odd.fill(0.0);
+                        continue;
+                    }
+                    let src = &dy[((ni * o + oi) * ho + oh) * wo..][..wo];
+                    odd[tw - 1] = 0.0;
+                    for (k, pair) in src.chunks(2).enumerate() {
+                        even[k] = pair[0];
+                        if let Some(&b) = pair.get(1) {
+                            odd[k] = b;
+                        }
+                    }
+                }
+                let (e0, rest) = cols.split_at(tw);
+                let (o0, rest) = rest.split_at(tw);
+                let (e1, o1) = rest.split_at(tw);
+                // Rows of A dY: r0, r0 + r1, r0 - r1, -r1, as (even, odd).
+                let (re, ro) = rows.split_at_mut(4 * tw);
                 for k in 0..tw {
-                    v0[k] = e0[k] - e1[k];
-                    v1[k] = o0[k] + e1[k];
-                    v2[k] = e1[k] - o0[k];
-                    v3[k] = o0[k] - o1[k];
+                    re[k] = e0[k];
+                    ro[k] = o0[k];
+                    re[tw + k] = e0[k] + e1[k];
+                    ro[tw + k] = o0[k] + o1[k];
+                    re[2 * tw + k] = e0[k] - e1[k];
+                    ro[2 * tw + k] = o0[k] - o1[k];
+                    re[3 * tw + k] = -e1[k];
+                    ro[3 * tw + k] = -o1[k];
+                }
+                let base = oi * tiles + rr * tw;
+                for i in 0..4 {
+                    let (p, q) = (&re[i * tw..][..tw], &ro[i * tw..][..tw]);
+                    let at = |j: usize| (4 * i + j) * plane + base;
+                    d[at(0)..][..tw].copy_from_slice(p);
+                    for (dst, (&p, &q)) in d[at(1)..][..tw].iter_mut().zip(p.iter().zip(q)) {
+                        *dst = p + q;
+                    }
+                    for (dst, (&p, &q)) in d[at(2)..][..tw].iter_mut().zip(p.iter().zip(q)) {
+                        *dst = p - q;
+                    }
+                    for (dst, &q) in d[at(3)..][..tw].iter_mut().zip(q) {
+                        *dst = -q;
+                    }
                 }
             }
         }
     }
 }
 
-/// Writes `A^T M A` of every tile into the output, with
-/// `A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]`; tiles past an odd edge keep only
-/// their in-range outputs.
-///
-/// # Safety
-/// `y` must point to the `[n, o, ho, wo]` output, and the output rows of
-/// global tile rows `q0 .. q0 + r` must be written by no one else.
-#[inline(never)]
-unsafe fn transform_output(g: &Geom, m: &[f32], q0: usize, r: usize, y: SharedMut) {
-    let (o, ho, wo) = (g.o, g.ho, g.wo);
-    let (th, tw) = (ho.div_ceil(2), wo.div_ceil(2));
-    let tiles = r * tw;
-    let plane = o * tiles;
-    // s[row][j][tc] = (A^T M)[row][j] of tile tc.
-    let mut s = vec![0f32; 8 * tw];
-    let mut even = vec![0f32; tw];
-    let mut odd = vec![0f32; tw];
-    for oi in 0..o {
-        for rr in 0..r {
-            let q = q0 + rr;
-            let (ni, tr) = (q / th, q % th);
-            let base = oi * tiles + rr * tw;
-            let (s0, s1) = s.split_at_mut(4 * tw);
+/// Scratch length [`transform_input`] needs for `tiles` tiles of rows of
+/// `tw` tiles.
+fn input_scratch_len(tw: usize, tiles: usize) -> usize {
+    16 * tiles + 4 * (tw + 1)
+}
+
+multiversion! {
+    /// Fills `v[ξ][ci][t]` with `B^T d B` of the 4x4 patch of every tile `t` of
+    /// global tile rows `q0 .. q0 + r` and every channel, with
+    /// `B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`.
+    ///
+    /// The 4 columns `2tc .. 2tc + 4` of tile `tc` in a padded input row are
+    /// its even and odd columns `e[tc], o[tc], e[tc + 1], o[tc + 1]`; for each
+    /// of a tile's 4 input rows these four are gathered into arrays indexed by
+    /// tile (`e0, e1, o0, o1`), so that both stages of the transform (columns,
+    /// then rows) run as flat loops over all of the unit's tiles: full vector
+    /// width even for rows of 7 or 14 tiles.
+    #[inline(never)]
+    fn transform_input(g: &Geom, x: &[f32], q0: usize, r: usize, v: &mut [f32], scratch: &mut [f32]) {
+        let (c, h, wd, pad) = (g.c, g.h, g.w, g.pad);
+        let (th, tw) = (g.ho.div_ceil(2), g.wo.div_ceil(2));
+        let tiles = r * tw;
+        let plane = c * tiles;
+        let len = tw + 1;
+        // gathered[i][a][t]: a = e0, e1, o0, o1 of input row i of tile t;
+        // padded: one zero-padded input row; even, odd: its columns.
+        let (gathered, rest) = scratch[..input_scratch_len(tw, tiles)].split_at_mut(16 * tiles);
+        let (padded, rest) = rest.split_at_mut(2 * len);
+        let (even, odd) = rest.split_at_mut(len);
+        padded.fill(0.0);
+        // Padded column p is input column p - pad.
+        let (lo, hi) = (pad.min(2 * len), (pad + wd).min(2 * len));
+        for ci in 0..c {
+            for rr in 0..r {
+                let q = q0 + rr;
+                let (ni, tr) = (q / th, q % th);
+                let xc = &x[(ni * c + ci) * h * wd..][..h * wd];
+                let top = 2 * tr as isize - pad as isize;
+                for i in 0..4 {
+                    let row = &mut gathered[4 * i * tiles..][..4 * tiles];
+                    let (e0, rest) = row.split_at_mut(tiles);
+                    let (e1, rest) = rest.split_at_mut(tiles);
+                    let (o0, o1) = rest.split_at_mut(tiles);
+                    let at = rr * tw;
+                    let (e0, e1) = (&mut e0[at..][..tw], &mut e1[at..][..tw]);
+                    let (o0, o1) = (&mut o0[at..][..tw], &mut o1[at..][..tw]);
+                    let ih = top + i as isize;
+                    if ih < 0 || ih >= h as isize {
+                        e0.fill(0.0);
+                        e1.fill(0.0);
+                        o0.fill(0.0);
+                        o1.fill(0.0);
+                        continue;
+                    }
+                    let src = &xc[ih as usize * wd..][..wd];
+                    padded[lo..hi].copy_from_slice(&src[..hi - lo]);
+                    for ((e, o), pair) in even
+                        .iter_mut()
+                        .zip(odd.iter_mut())
+                        .zip(padded.chunks_exact(2))
+                    {
+                        *e = pair[0];
+                        *o = pair[1];
+                    }
+                    e0.copy_from_slice(&even[..tw]);
+                    e1.copy_from_slice(&even[1..]);
+                    o0.copy_from_slice(&odd[..tw]);
+                    o1.copy_from_slice(&odd[1..]);
+                }
+            }
+            // Columns: B^T applied to each row's (e0, o0, e1, o1), written to
+            // v[4i + j]; then rows, in place across i.
+            for i in 0..4 {
+                let row = &gathered[4 * i * tiles..][..4 * tiles];
+                let (e0, rest) = row.split_at(tiles);
+                let (e1, rest) = rest.split_at(tiles);
+                let (o0, o1) = rest.split_at(tiles);
+                let at = |j: usize| (4 * i + j) * plane + ci * tiles;
+                let (lo, hi) = v.split_at_mut(at(2));
+                let (v0, v1) = lo[at(0)..].split_at_mut(plane);
+                let (v2, v3) = hi.split_at_mut(plane);
+                let (v0, v1, v2, v3) = (
+                    &mut v0[..tiles],
+                    &mut v1[..tiles],
+                    &mut v2[..tiles],
+                    &mut v3[..tiles],
+                );
+                for k in 0..tiles {
+                    v0[k] = e0[k] - e1[k];
+                    v1[k] = o0[k] + e1[k];
+                    v2[k] = e1[k] - o0[k];
+                    v3[k] = o0[k] - o1[k];
+                }
+            }
             for j in 0..4 {
-                let m0 = &m[j * plane + base..][..tw];
-                let m1 = &m[(4 + j) * plane + base..][..tw];
-                let m2 = &m[(8 + j) * plane + base..][..tw];
-                let m3 = &m[(12 + j) * plane + base..][..tw];
-                let a = &mut s0[j * tw..][..tw];
-                let b = &mut s1[j * tw..][..tw];
-                for k in 0..tw {
+                let at = |i: usize| (4 * i + j) * plane + ci * tiles;
+                let (lo, hi) = v.split_at_mut(at(2));
+                let (r0, r1) = lo[at(0)..].split_at_mut(4 * plane);
+                let (r2, r3) = hi.split_at_mut(4 * plane);
+                let (r0, r1, r2, r3) = (
+                    &mut r0[..tiles],
+                    &mut r1[..tiles],
+                    &mut r2[..tiles],
+                    &mut r3[..tiles],
+                );
+                for k in 0..tiles {
+                    let (d0, d1, d2, d3) = (r0[k], r1[k], r2[k], r3[k]);
+                    r0[k] = d0 - d2;
+                    r1[k] = d1 + d2;
+                    r2[k] = d2 - d1;
+                    r3[k] = d1 - d3;
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Writes `A^T M A` of every tile into the output, with
+    /// `A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]`; tiles past an odd edge keep only
+    /// their in-range outputs.
+    ///
+    /// # Safety
+    /// `y` must point to the `[n, o, ho, wo]` output, and the output rows of
+    /// global tile rows `q0 .. q0 + r` must be written by no one else.
+    #[inline(never)]
+    unsafe fn transform_output(g: &Geom, m: &[f32], q0: usize, r: usize, y: SharedMut) {
+        let (o, ho, wo) = (g.o, g.ho, g.wo);
+        let (th, tw) = (ho.div_ceil(2), wo.div_ceil(2));
+        let tiles = r * tw;
+        let plane = o * tiles;
+        // The tiles of one channel are contiguous in every M[ξ], so both
+        // stages of A^T M A run over all of the unit's tiles at once (full
+        // vector width even for 7- or 14-tile rows); only the final interleave
+        // into output rows goes row by row.
+        // s[row][j][t] = (A^T M)[row][j] of tile t; out[dr] = (even, odd)
+        // output columns of output row dr of every tile.
+        let mut s = vec![0f32; 8 * tiles];
+        let mut out = vec![0f32; 4 * tiles];
+        for oi in 0..o {
+            let base = oi * tiles;
+            let (s0, s1) = s.split_at_mut(4 * tiles);
+            for j in 0..4 {
+                let m0 = &m[j * plane + base..][..tiles];
+                let m1 = &m[(4 + j) * plane + base..][..tiles];
+                let m2 = &m[(8 + j) * plane + base..][..tiles];
+                let m3 = &m[(12 + j) * plane + base..][..tiles];
+                let a = &mut s0[j * tiles..][..tiles];
+                let b = &mut s1[j * tiles..][..tiles];
+                for k in 0..tiles {
                     a[k] = m0[k] + m1[k] + m2[k];
                     b[k] = m1[k] - m2[k] - m3[k];
                 }
             }
-            let oh = 2 * tr;
-            for (dr, sr) in [&*s0, &*s1].into_iter().enumerate() {
-                if oh + dr >= ho {
-                    break;
-                }
-                let (a0, a1, a2, a3) = (
-                    &sr[..tw],
-                    &sr[tw..2 * tw],
-                    &sr[2 * tw..3 * tw],
-                    &sr[3 * tw..],
-                );
-                for k in 0..tw {
+            for (sr, dst) in [&*s0, &*s1].into_iter().zip(out.chunks_exact_mut(2 * tiles)) {
+                let (a0, rest) = sr.split_at(tiles);
+                let (a1, rest) = rest.split_at(tiles);
+                let (a2, a3) = rest.split_at(tiles);
+                let (even, odd) = dst.split_at_mut(tiles);
+                for k in 0..tiles {
                     even[k] = a0[k] + a1[k] + a2[k];
                     odd[k] = a1[k] - a2[k] - a3[k];
                 }
-                // SAFETY: row oh + dr of channel oi of image ni lies inside
-                // the output and belongs to this unit (caller's contract).
-                let row = unsafe {
-                    std::slice::from_raw_parts_mut(y.at(((ni * o + oi) * ho + oh + dr) * wo), wo)
-                };
-                for (pair, (&e, &d)) in row.chunks_mut(2).zip(even.iter().zip(&odd)) {
-                    pair[0] = e;
-                    if let Some(second) = pair.get_mut(1) {
-                        *second = d;
+            }
+            for rr in 0..r {
+                let q = q0 + rr;
+                let (ni, tr) = (q / th, q % th);
+                for (dr, dst) in out.chunks_exact(2 * tiles).enumerate() {
+                    let oh = 2 * tr + dr;
+                    if oh >= ho {
+                        break;
+                    }
+                    let even = &dst[rr * tw..][..tw];
+                    let odd = &dst[tiles + rr * tw..][..tw];
+                    // SAFETY: row oh of channel oi of image ni lies inside the
+                    // output and belongs to this unit (caller's contract).
+                    let row = unsafe {
+                        std::slice::from_raw_parts_mut(y.at(((ni * o + oi) * ho + oh) * wo), wo)
+                    };
+                    let (pairs, last) = row.split_at_mut(wo / 2 * 2);
+                    for (pair, (&e, &d)) in pairs.chunks_exact_mut(2).zip(even.iter().zip(odd)) {
+                        pair[0] = e;
+                        pair[1] = d;
+                    }
+                    if let Some(x) = last.first_mut() {
+                        *x = even[tw - 1];
                     }
                 }
             }
@@ -346,7 +574,8 @@ mod tests {
     }
 
     /// Winograd against im2col on the same data, called directly (no global
-    /// switch): odd output sizes, paddings 0 to 2, tiles split over units.
+    /// switch), forward and weight gradient: odd output sizes, paddings 0
+    /// to 2, tiles split over units.
     #[test]
     fn matches_im2col() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
@@ -383,6 +612,18 @@ mod tests {
             assert!(
                 err <= 1e-5 * scale,
                 "{g:?}: max error {err} (scale {scale})"
+            );
+            let dy = random(n * o * g.ho * g.wo, &mut rng);
+            let fast = grad_weight3x3(&g, &x, &dy);
+            let direct = super::super::conv_grad_weight_im2col(&g, &x, &dy);
+            let scale = direct.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = fast
+                .iter()
+                .zip(&direct)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                err <= 1e-5 * scale,
+                "{g:?}: weight gradient max error {err} (scale {scale})"
             );
         }
     }
