@@ -2,7 +2,7 @@
 //! convolutions of the project's UNets: forward and weight-gradient time,
 //! best of interleaved runs, and the effective GFLOP/s (direct-convolution
 //! flop count).
-//! Run: `RAYON_NUM_THREADS=2 cargo run --release -p ensueno --example bench_winograd`.
+//! Run: `RAYON_NUM_THREADS=2 cargo run --release -p ensueno --example bench_winograd [N,C,HW,O ...]`.
 
 use std::time::Instant;
 
@@ -17,6 +17,9 @@ fn main() -> anyhow::Result<()> {
     };
     let cases = [
         (64, 32, 28, 32),
+        (64, 32, 28, 64),
+        (64, 64, 28, 32),
+        (64, 96, 28, 32),
         (64, 64, 14, 64),
         (64, 64, 7, 64),
         (16, 64, 64, 64),
@@ -26,7 +29,12 @@ fn main() -> anyhow::Result<()> {
         (2, 1280, 16, 1280),
         (2, 1280, 8, 1280),
     ];
+    // Arguments `N,C,HW,O` pick cases; none runs them all.
+    let picked: Vec<String> = std::env::args().skip(1).collect();
     for (n, c, hw, o) in cases {
+        if !picked.is_empty() && !picked.contains(&format!("{n},{c},{hw},{o}")) {
+            continue;
+        }
         let x = Tensor::randn(0f32, 1., (n, c, hw, hw), &Device::Cpu)?;
         let w = Tensor::randn(0f32, 0.1, (o, c, 3, 3), &Device::Cpu)?;
         let dy = Tensor::randn(0f32, 1., (n, o, hw, hw), &Device::Cpu)?;

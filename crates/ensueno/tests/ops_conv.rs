@@ -345,4 +345,7 @@ fn conv2d_winograd() {
     check_conv(4, 16, 15, 16, 18, (3, 3), cfg(2, 1, 1, 1));
     // A wide image: tile rows of one image split over several units.
     check_conv(1, 16, 12, 600, 16, (3, 3), cfg(1, 1, 1, 1));
+    // Enough input channels for the Winograd weight gradient too, with an
+    // odd output size.
+    check_conv(4, 48, 17, 15, 24, (3, 3), cfg(1, 1, 1, 1));
 }

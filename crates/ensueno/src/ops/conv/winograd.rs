@@ -78,9 +78,17 @@ pub(super) fn applies(g: &Geom) -> bool {
 /// 3.5x slower than im2col with 52 MB of sums on 2 threads).
 const MAX_GRAD_WEIGHT_SUMS_BYTES: usize = 32 << 20;
 
+/// Input channels below this keep im2col for the weight gradient: at 32
+/// input channels (28x28, batch 64, to 32 or 64 outputs) Winograd's ran
+/// 8-15% slower on the development machine, from 64 up 10-20% faster
+/// (`examples/bench_winograd.rs`).
+const MIN_GRAD_WEIGHT_CHANNELS: usize = 48;
+
 /// Whether [`grad_weight3x3`] computes the weight gradient of `g`.
 pub(super) fn grad_weight_applies(g: &Geom) -> bool {
-    applies(g) && 16 * g.o * g.c * super::n_threads() * 4 <= MAX_GRAD_WEIGHT_SUMS_BYTES
+    applies(g)
+        && g.c >= MIN_GRAD_WEIGHT_CHANNELS
+        && 16 * g.o * g.c * super::n_threads() * 4 <= MAX_GRAD_WEIGHT_SUMS_BYTES
 }
 
 /// 0: not decided yet (read `ENSUENO_WINOGRAD`), 1: on, 2: off.
