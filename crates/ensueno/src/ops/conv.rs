@@ -314,14 +314,14 @@ fn conv_transpose_geom(x: &Tensor, w: &Tensor, cfg: &ConvTranspose2dConfig) -> R
 /// A raw pointer that worker threads may share; every use documents why the
 /// threads touch disjoint elements.
 #[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
+pub(super) struct SharedMut(pub(super) *mut f32);
 // SAFETY: only used for writes to disjoint regions (see each use).
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
 impl SharedMut {
     /// Through a method so closures capture the wrapper, not the raw field.
-    fn at(&self, offset: usize) -> *mut f32 {
+    pub(super) fn at(&self, offset: usize) -> *mut f32 {
         self.0.wrapping_add(offset)
     }
 }
@@ -341,7 +341,7 @@ fn with_tile<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     })
 }
 
-fn n_threads() -> usize {
+pub(super) fn n_threads() -> usize {
     candle_core::utils::barrier_pool().n_workers() + 1
 }
 
@@ -349,7 +349,7 @@ fn n_threads() -> usize {
 /// candle's CPU pool. Returns the GEMM parallelism the units should use:
 /// with fewer units than threads, units run here one after the other and
 /// each GEMM is parallel instead.
-fn for_each_unit(n_units: usize, f: impl Fn(usize, usize, Parallelism) + Sync) {
+pub(super) fn for_each_unit(n_units: usize, f: impl Fn(usize, usize, Parallelism) + Sync) {
     let threads = n_threads();
     if threads == 1 || n_units < threads {
         let par = if threads == 1 {

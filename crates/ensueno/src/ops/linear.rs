@@ -8,9 +8,18 @@
 //! several times the arithmetic. Flattening the leading dimensions first
 //! gives one `[B*T, in] x [in, out]` product both ways; the weights and
 //! their names (`weight`, `bias`) are unchanged.
+//!
+//! On the CPU in f32 the product (and its two gradients) is a custom op
+//! whose GEMMs are split into row blocks over candle's thread pool, the one
+//! every other kernel here runs on. candle's matmul runs its GEMM on rayon's
+//! pool instead, and while it does, candle's pool workers spin-wait for the
+//! next op: on 2 cores that left one core spinning through every product
+//! of the text-to-image UNet's transformer blocks.
 
-use candle_core::{Module, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
+
+use super::conv::{for_each_unit, n_threads, SharedMut};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -58,7 +67,7 @@ impl Module for Linear {
         };
         let rows: usize = lead.iter().product();
         let flat = x.contiguous()?.reshape((rows, last))?;
-        let y = flat.matmul(&self.weight.t()?)?;
+        let y = matmul_t(&flat, &self.weight)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -69,18 +78,194 @@ impl Module for Linear {
     }
 }
 
+/// `x W^T` for `x [M, K]` and `W [N, K]`: [`MatmulOp`] for contiguous f32
+/// tensors on the CPU, candle's matmul otherwise.
+fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let fast = x.device().is_cpu()
+        && x.dtype() == candle_core::DType::F32
+        && w.dtype() == candle_core::DType::F32
+        && w.is_contiguous();
+    if !fast {
+        return x.matmul(&w.t()?);
+    }
+    let (m, k) = x.dims2()?;
+    let (n, k2) = w.dims2()?;
+    if k != k2 {
+        bail!("Linear: input has {k} features, the weight expects {k2}")
+    }
+    x.apply_op2(
+        w,
+        MatmulOp {
+            m,
+            n,
+            k,
+            product: Product::Forward,
+        },
+    )
+}
+
+/// The three products of `y = x W^T` (`x [M, K]`, `W [N, K]`, `y [M, N]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Product {
+    /// `(x, W) -> x W^T`, `[M, N]`.
+    Forward,
+    /// `(dy, W) -> dy W`, `[M, K]`: the input gradient.
+    GradInput,
+    /// `(dy, x) -> dy^T x`, `[N, K]`: the weight gradient.
+    GradWeight,
+}
+
+struct MatmulOp {
+    m: usize,
+    n: usize,
+    k: usize,
+    product: Product,
+}
+
+/// Rows per unit when `rows` output rows are split over the pool: at least
+/// 16 (one GEMM register block), about four units per thread.
+fn rows_per_unit(rows: usize, threads: usize) -> usize {
+    rows.div_ceil(4 * threads).max(16).min(rows.max(1))
+}
+
+fn f32_data<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    dims: (usize, usize),
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else {
+        bail!("linear op: {what} must be f32")
+    };
+    if l.dims() != [dims.0, dims.1] {
+        bail!(
+            "linear op: {what} has shape {:?}, expected {dims:?}",
+            l.dims()
+        )
+    }
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("linear op: {what} must be contiguous"),
+    }
+}
+
+impl CustomOp2 for MatmulOp {
+    fn name(&self) -> &'static str {
+        match self.product {
+            Product::Forward => "ensueno-linear",
+            Product::GradInput => "ensueno-linear-grad-input",
+            Product::GradWeight => "ensueno-linear-grad-weight",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, n, k) = (self.m, self.n, self.k);
+        // Output [rows, cols] = lhs [rows, inner] x rhs [inner, cols], each
+        // unit a block of output rows; strides are (row, column).
+        let (a, b, rows, cols, inner, lhs_s, rhs_s) = match self.product {
+            Product::Forward => (
+                f32_data(s1, l1, (m, k), "input")?,
+                f32_data(s2, l2, (n, k), "weight")?,
+                m,
+                n,
+                k,
+                (k, 1),
+                (1, k),
+            ),
+            Product::GradInput => (
+                f32_data(s1, l1, (m, n), "output gradient")?,
+                f32_data(s2, l2, (n, k), "weight")?,
+                m,
+                k,
+                n,
+                (n, 1),
+                (k, 1),
+            ),
+            Product::GradWeight => (
+                f32_data(s1, l1, (m, n), "output gradient")?,
+                f32_data(s2, l2, (m, k), "input")?,
+                n,
+                k,
+                m,
+                (1, n),
+                (k, 1),
+            ),
+        };
+        let mut out = vec![0f32; rows * cols];
+        let dst = SharedMut(out.as_mut_ptr());
+        let per = rows_per_unit(rows, n_threads());
+        for_each_unit(rows.div_ceil(per), |_, u, par| {
+            let r0 = u * per;
+            let r = per.min(rows - r0);
+            // SAFETY: unit u writes output rows r0 .. r0 + r only; lhs row
+            // r0 starts at r0 * lhs_s.0 and the block lies inside `a`, rhs
+            // is all of `b` (shapes checked above).
+            unsafe {
+                super::sgemm(
+                    (r, cols, inner),
+                    dst.at(r0 * cols),
+                    (cols, 1),
+                    false,
+                    a.as_ptr().add(r0 * lhs_s.0),
+                    lhs_s,
+                    b.as_ptr(),
+                    rhs_s,
+                    1.0,
+                    par,
+                )
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((rows, cols))))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.product != Product::Forward {
+            bail!("linear op: no second derivative")
+        }
+        let grad = grad.contiguous()?;
+        let op = |product| MatmulOp {
+            m: self.m,
+            n: self.n,
+            k: self.k,
+            product,
+        };
+        // a = x, b = W, grad = dy.
+        let dx = grad.apply_op2_no_bwd(b, &op(Product::GradInput))?;
+        let dw = grad.apply_op2_no_bwd(a, &op(Product::GradWeight))?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    /// Same values and gradients as candle-nn's Linear on a 3-D input.
+    /// Same values and gradients as candle-nn's Linear on 3-D inputs: a
+    /// tiny one and one split into many row blocks (odd sizes throughout).
     #[test]
     fn matches_candle_linear() -> candle_core::Result<()> {
+        check((3, 5, 4), 6)?;
+        check((7, 61, 37), 45)
+    }
+
+    fn check(x_dims: (usize, usize, usize), out: usize) -> candle_core::Result<()> {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (3, 5, 4), &dev)?)?;
-        let w = Var::from_tensor(&Tensor::randn(0f32, 1., (6, 4), &dev)?)?;
-        let b = Var::from_tensor(&Tensor::randn(0f32, 1., 6, &dev)?)?;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., x_dims, &dev)?)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1., (out, x_dims.2), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1., out, &dev)?)?;
         let ours = Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
         let theirs = candle_nn::Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
         let y1 = ours.forward(x.as_tensor())?;
