@@ -10,45 +10,39 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor};
 
+use super::group_norm::SyncPtr;
 use crate::{Error, Result};
 
 /// Below this many elements the work runs on the calling thread.
 const PAR_MIN: usize = 1 << 15;
 
 /// Splits `out` (whole planes of `plane` elements) into one contiguous run of
-/// planes per thread and calls `f(first_plane, run)` on each.
-fn par_planes(out: &mut [f32], plane: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let planes = out.len() / plane.max(1);
-    let threads = if out.len() < PAR_MIN {
-        1
-    } else {
-        candle_core::utils::get_num_threads().clamp(1, planes.max(1))
-    };
-    if threads <= 1 || plane == 0 {
+/// planes per thread of candle's pool and calls `f(first_plane, run)` on
+/// each; on the calling thread alone when `work` (elements touched) is
+/// small.
+fn par_planes(out: &mut [f32], plane: usize, work: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    // The last run may end in a partial plane.
+    let planes = out.len().div_ceil(plane.max(1));
+    let pool = candle_core::utils::barrier_pool();
+    let threads = (pool.n_workers() + 1).clamp(1, planes.max(1));
+    if work < PAR_MIN || threads <= 1 || plane == 0 {
         f(0, out);
         return;
     }
     let per = planes.div_ceil(threads);
-    std::thread::scope(|scope| {
-        let mut rest = out;
-        let mut first = 0;
-        let mut handles = Vec::new();
-        while !rest.is_empty() {
-            let take = (per * plane).min(rest.len());
-            let (run, tail) = rest.split_at_mut(take);
-            rest = tail;
-            let f = &f;
-            let p0 = first;
-            if rest.is_empty() {
-                f(p0, run);
-            } else {
-                handles.push(scope.spawn(move || f(p0, run)));
-            }
-            first += per;
+    let len = out.len();
+    let ptr = SyncPtr(out.as_mut_ptr());
+    pool.execute(|tid| {
+        let first = tid * per;
+        if first >= planes {
+            return;
         }
-        for h in handles {
-            let _ = h.join();
-        }
+        let start = first * plane;
+        let end = ((first + per) * plane).min(len);
+        // SAFETY: thread `tid` gets planes first .. first + per only; the
+        // runs of different threads are disjoint and inside `out`.
+        let run = unsafe { ptr.slice(start, end - start) };
+        f(first, run);
     });
 }
 
@@ -83,7 +77,8 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core:
 /// place (the conv op's fused bias).
 pub(crate) fn add_channel_bias_inplace(y: &mut [f32], hw: usize, b: &[f32]) {
     let c = b.len().max(1);
-    par_planes(y, hw, |p0, run| {
+    let work = y.len();
+    par_planes(y, hw, work, |p0, run| {
         for (i, plane) in run.chunks_exact_mut(hw.max(1)).enumerate() {
             let bv = b[(p0 + i) % c];
             for v in plane.iter_mut() {
@@ -96,7 +91,8 @@ pub(crate) fn add_channel_bias_inplace(y: &mut [f32], hw: usize, b: &[f32]) {
 /// `y += r`, elementwise, in parallel chunks.
 pub(crate) fn add_inplace(y: &mut [f32], r: &[f32]) {
     let chunk = 1 << 14;
-    par_planes(y, chunk.min(r.len().max(1)), |p0, run| {
+    let work = y.len();
+    par_planes(y, chunk.min(r.len().max(1)), work, |p0, run| {
         let start = p0 * chunk.min(r.len().max(1));
         for (a, b) in run.iter_mut().zip(&r[start..]) {
             *a += *b;
@@ -143,7 +139,8 @@ impl CustomOp2 for AddPlaneBias {
             candle_core::bail!("plane bias: bias has {} elements", b.len())
         }
         let mut out = vec![0f32; x.len()];
-        par_planes(&mut out, hw, |p0, run| {
+        let work = out.len();
+        par_planes(&mut out, hw, work, |p0, run| {
             for (i, (o, xi)) in run
                 .chunks_exact_mut(hw)
                 .zip(x[p0 * hw..].chunks_exact(hw))
@@ -187,28 +184,12 @@ impl CustomOp1 for PlaneSum {
         let (n, c) = (dims[0], dims[1]);
         let hw: usize = dims[2..].iter().product();
         let mut sums = vec![0f32; n * c];
-        let threads = if dy.len() < PAR_MIN {
-            1
-        } else {
-            candle_core::utils::get_num_threads().clamp(1, (n * c).max(1))
-        };
-        if threads <= 1 {
-            for (s, p) in sums.iter_mut().zip(dy.chunks_exact(hw.max(1))) {
+        par_planes(&mut sums, 1, dy.len(), |first, run| {
+            let src = &dy[first * hw..];
+            for (s, p) in run.iter_mut().zip(src.chunks_exact(hw.max(1))) {
                 *s = sum_lanes(p);
             }
-        } else {
-            let per = (n * c).div_ceil(threads);
-            std::thread::scope(|scope| {
-                for (k, run) in sums.chunks_mut(per).enumerate() {
-                    let src = &dy[k * per * hw..];
-                    scope.spawn(move || {
-                        for (s, p) in run.iter_mut().zip(src.chunks_exact(hw.max(1))) {
-                            *s = sum_lanes(p);
-                        }
-                    });
-                }
-            });
-        }
+        });
         if self.per_sample {
             return Ok((CpuStorage::F32(sums), Shape::from((n, c))));
         }

@@ -126,31 +126,24 @@ impl<T> SyncPtr<T> {
     }
 }
 
-/// Runs `f(0..n_tasks)` on candle's number of threads (scoped threads pulling
-/// task indices from a shared counter), or inline when `parallel` is false.
+/// Runs `f(0..n_tasks)` on candle's CPU thread pool (its workers and the
+/// calling thread pulling task indices from a shared counter), or inline
+/// when `parallel` is false. The pool is the one candle's own ops and the
+/// convolutions use: spawning threads here instead would leave its idle
+/// workers spin-waiting beside them, more runnable threads than cores.
 pub(crate) fn par_for(n_tasks: usize, parallel: bool, f: impl Fn(usize) + Sync) {
-    let threads = if parallel {
-        candle_core::utils::get_num_threads().min(n_tasks)
-    } else {
-        1
-    };
-    if threads <= 1 {
+    let pool = candle_core::utils::barrier_pool();
+    if !parallel || n_tasks <= 1 || pool.n_workers() == 0 {
         (0..n_tasks).for_each(f);
         return;
     }
     let next = AtomicUsize::new(0);
-    let work = || loop {
+    pool.execute(|_| loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
         if i >= n_tasks {
             break;
         }
         f(i);
-    };
-    std::thread::scope(|scope| {
-        for _ in 1..threads {
-            scope.spawn(work);
-        }
-        work();
     });
 }
 
