@@ -326,9 +326,8 @@ impl GEGLU {
     /// - `xs`: `[..., dim_in]`; returns `[..., dim_out]`
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(xs)?;
-        let hidden = h.narrow(D::Minus1, 0, self.dim_out)?;
-        let gate = h.narrow(D::Minus1, self.dim_out, self.dim_out)?;
-        Ok((hidden * gate.gelu_erf()?)?)
+        debug_assert_eq!(h.dim(D::Minus1)?, 2 * self.dim_out);
+        Ok(crate::ops::geglu::geglu(&h)?)
     }
 }
 

@@ -19,7 +19,7 @@
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
 
-use super::conv::{for_each_unit, n_threads, SharedMut};
+use super::conv::{for_each_unit, SharedMut};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -122,11 +122,13 @@ struct MatmulOp {
     product: Product,
 }
 
-/// Rows per unit when `rows` output rows are split over the pool: at least
-/// 16 (one GEMM register block), about four units per thread.
-fn rows_per_unit(rows: usize, threads: usize) -> usize {
-    rows.div_ceil(4 * threads).max(16).min(rows.max(1))
-}
+/// Output rows per unit: one block of the GEMM kernel's full height, at
+/// fixed offsets from row 0. A row's value must not depend on how many
+/// rows are multiplied with it (a batch's second image must equal the same
+/// image generated alone), and the `gemm` crate computes very short row
+/// blocks by another summation order: with blocks of `rows / 8` rows, 16
+/// for a batch of one, batch invariance broke.
+const ROWS_PER_UNIT: usize = 64;
 
 fn f32_data<'a>(
     s: &'a CpuStorage,
@@ -199,7 +201,7 @@ impl CustomOp2 for MatmulOp {
         };
         let mut out = vec![0f32; rows * cols];
         let dst = SharedMut(out.as_mut_ptr());
-        let per = rows_per_unit(rows, n_threads());
+        let per = ROWS_PER_UNIT;
         for_each_unit(rows.div_ceil(per), |_, u, par| {
             let r0 = u * per;
             let r = per.min(rows - r0);

@@ -9,6 +9,7 @@ pub mod adamw;
 pub mod attention;
 pub mod bias;
 pub mod conv;
+pub mod geglu;
 pub mod group_norm;
 pub mod layer_norm;
 pub mod linear;
