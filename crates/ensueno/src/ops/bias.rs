@@ -64,13 +64,7 @@ fn sum_lanes(xs: &[f32]) -> f32 {
 }
 
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("plane bias: {what} must be f32")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("plane bias: {what} must be contiguous"),
-    }
+    super::contiguous_f32(s, l, "plane bias", what)
 }
 
 /// Adds `b[p % b.len()]` to every plane `p` of `hw` elements of `y`, in

@@ -28,9 +28,7 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
-use candle_core::{
-    bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Module, Shape, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
 use gemm::Parallelism;
 
@@ -796,19 +794,7 @@ fn f32_slice<'a>(
     shape: &Shape,
     what: &str,
 ) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        bail!("conv op: {what} must be f32")
-    };
-    if l.shape() != shape {
-        bail!(
-            "conv op: {what} has shape {:?}, expected {shape:?}",
-            l.shape()
-        )
-    }
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => bail!("conv op: {what} must be contiguous"),
-    }
+    super::shaped_f32(s, l, Some(shape.dims()), "conv op", what)
 }
 
 impl CustomOp2 for ConvOp {

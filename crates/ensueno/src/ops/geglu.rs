@@ -52,13 +52,7 @@ struct GegluOp {
 }
 
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        bail!("geglu: {what} must be f32")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => bail!("geglu: {what} must be contiguous"),
-    }
+    super::contiguous_f32(s, l, "geglu", what)
 }
 
 /// Calls `f(first_row, rows)` for blocks of rows of `rows` total, in

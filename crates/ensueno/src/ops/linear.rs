@@ -136,19 +136,7 @@ fn f32_data<'a>(
     dims: (usize, usize),
     what: &str,
 ) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        bail!("linear op: {what} must be f32")
-    };
-    if l.dims() != [dims.0, dims.1] {
-        bail!(
-            "linear op: {what} has shape {:?}, expected {dims:?}",
-            l.dims()
-        )
-    }
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => bail!("linear op: {what} must be contiguous"),
-    }
+    super::shaped_f32(s, l, Some(&[dims.0, dims.1]), "linear op", what)
 }
 
 impl CustomOp2 for MatmulOp {

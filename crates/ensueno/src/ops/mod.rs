@@ -14,6 +14,37 @@ pub mod group_norm;
 pub mod layer_norm;
 pub mod linear;
 
+/// The data of a contiguous f32 CPU tensor, or an error naming the op and
+/// the argument: every custom op of this module checks its inputs so.
+pub(crate) fn contiguous_f32<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    op: &str,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    shaped_f32(s, l, None, op, what)
+}
+
+/// [`contiguous_f32`], also checking the shape when `dims` is given.
+pub(crate) fn shaped_f32<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    dims: Option<&[usize]>,
+    op: &str,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    if let Some(dims) = dims.filter(|d| *d != l.dims()) {
+        candle_core::bail!("{op}: {what} has shape {:?}, expected {dims:?}", l.dims())
+    }
+    let candle_core::CpuStorage::F32(data) = s else {
+        candle_core::bail!("{op}: {what} must be f32")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: {what} must be contiguous"),
+    }
+}
+
 /// `dst[m, n] = lhs[m, k] * rhs[k, n]`, or `dst += beta * lhs * rhs` when
 /// `accumulate`; strides in elements (rows, columns). One wrapper over
 /// `gemm::gemm` for every kernel of this module.

@@ -610,29 +610,29 @@ mod tests {
             };
             let x = random(n * c * h * w, &mut rng);
             let wt = random(o * c * 9, &mut rng);
-            let fast = conv3x3(&g, &x, &wt);
-            let direct = super::super::conv_fwd_im2col(&g, &x, &wt);
-            let scale = direct.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let err = fast
-                .iter()
-                .zip(&direct)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(
-                err <= 1e-5 * scale,
-                "{g:?}: max error {err} (scale {scale})"
-            );
             let dy = random(n * o * g.ho * g.wo, &mut rng);
-            let fast = grad_weight3x3(&g, &x, &dy);
-            let direct = super::super::conv_grad_weight_im2col(&g, &x, &dy);
-            let scale = direct.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let err = fast
-                .iter()
-                .zip(&direct)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(
-                err <= 1e-5 * scale,
-                "{g:?}: weight gradient max error {err} (scale {scale})"
-            );
+            for (what, fast, direct) in [
+                (
+                    "forward",
+                    conv3x3(&g, &x, &wt),
+                    super::super::conv_fwd_im2col(&g, &x, &wt),
+                ),
+                (
+                    "weight gradient",
+                    grad_weight3x3(&g, &x, &dy),
+                    super::super::conv_grad_weight_im2col(&g, &x, &dy),
+                ),
+            ] {
+                let scale = direct.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let err = fast
+                    .iter()
+                    .zip(&direct)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    err <= 1e-5 * scale,
+                    "{g:?}: {what} max error {err} (scale {scale})"
+                );
+            }
         }
     }
 }
