@@ -39,7 +39,7 @@ pub fn geglu(x: &Tensor) -> candle_core::Result<Tensor> {
         bail!("geglu: last dimension {width} is odd")
     }
     let half = width / 2;
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if half > 0 && x.device().is_cpu() && x.dtype() == DType::F32 {
         return x.contiguous()?.apply_op1(GegluOp { half });
     }
     let hidden = x.narrow(D::Minus1, 0, half)?;
@@ -200,6 +200,10 @@ mod tests {
             );
         }
         assert!(geglu(&Tensor::zeros((2, 5), DType::F32, &dev)?).is_err());
+        assert_eq!(
+            geglu(&Tensor::zeros((2, 0), DType::F32, &dev)?)?.dims(),
+            [2, 0]
+        );
         Ok(())
     }
 }
