@@ -123,7 +123,7 @@ impl BertConfig {
             ("type_vocab_size", self.type_vocab_size),
         ];
         super::config_defaults::check_positive("BERT", &sizes)?;
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(Error::invalid(format!(
                 "BERT config: hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads

@@ -159,7 +159,7 @@ impl CLIPTextConfig {
             ("max_position_embeddings", self.max_position_embeddings),
         ];
         super::config_defaults::check_positive("CLIP text", &sizes)?;
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(Error::invalid(format!(
                 "CLIP text config: hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads

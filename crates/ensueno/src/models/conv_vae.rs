@@ -117,7 +117,7 @@ impl ConvVAEConfig {
             )));
         }
         let n = self.conv_channels.len();
-        if n >= usize::BITS as usize || self.sample_size % (1 << n) != 0 {
+        if n >= usize::BITS as usize || !self.sample_size.is_multiple_of(1 << n) {
             return Err(Error::invalid(format!(
                 "ConvVAE config: sample_size {} must be divisible by 2^{n} (one halving per conv_channels entry)",
                 self.sample_size

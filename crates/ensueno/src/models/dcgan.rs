@@ -123,7 +123,7 @@ impl DCGANConfig {
                 "DCGAN config: num_classes must be > 0 (or null for an unconditional model)",
             ));
         }
-        if self.sample_size % 4 != 0 {
+        if !self.sample_size.is_multiple_of(4) {
             return Err(Error::invalid(format!(
                 "DCGAN config: sample_size {} must be divisible by 4 (two stride-2 stages)",
                 self.sample_size

@@ -152,7 +152,7 @@ pub(crate) fn group_norm(
     eps: f64,
     vb: VarBuilder,
 ) -> Result<GroupNorm> {
-    if groups == 0 || channels % groups != 0 {
+    if groups == 0 || !channels.is_multiple_of(groups) {
         return Err(Error::invalid(format!(
             "group norm {}: {channels} channels are not divisible into {groups} groups",
             vb.prefix()

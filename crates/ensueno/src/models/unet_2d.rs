@@ -293,7 +293,7 @@ fn spatial_attention(
     norm_groups: Option<usize>,
 ) -> Result<AttentionConfig> {
     let head_dim = head_dim.unwrap_or(channels);
-    if head_dim == 0 || channels % head_dim != 0 {
+    if head_dim == 0 || !channels.is_multiple_of(head_dim) {
         return Err(config_error(format!(
             "{channels} channels cannot be split into attention heads of width {head_dim}"
         )));

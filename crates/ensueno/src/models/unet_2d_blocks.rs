@@ -61,7 +61,7 @@ pub struct CrossAttnSettings {
 impl CrossAttnSettings {
     fn transformer(&self, channels: usize, groups: usize) -> Result<Transformer2DModelConfig> {
         let heads = self.num_attention_heads;
-        if heads == 0 || channels % heads != 0 {
+        if heads == 0 || !channels.is_multiple_of(heads) {
             return Err(Error::invalid(format!(
                 "{channels} channels cannot be split into {heads} attention heads"
             )));
@@ -537,7 +537,7 @@ impl UNetMidBlock2D {
         let c = config.in_channels;
         let resnets = resnet_stack(&vb, config.num_layers + 1, |_| (c, c), &config.resnet)?;
         let head_dim = attention_head_dim.unwrap_or(c);
-        if head_dim == 0 || c % head_dim != 0 {
+        if head_dim == 0 || !c.is_multiple_of(head_dim) {
             return Err(Error::invalid(format!(
                 "UNetMidBlock2D: {c} channels cannot be split into heads of width {head_dim}"
             )));

@@ -317,7 +317,7 @@ impl UNet2DConditionConfig {
                 self.up_block_types.len()
             )));
         }
-        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
+        if self.conv_in_kernel.is_multiple_of(2) || self.conv_out_kernel.is_multiple_of(2) {
             return Err(config_error(
                 "`conv_in_kernel` and `conv_out_kernel` must be odd",
             ));

@@ -1203,7 +1203,8 @@ impl Conv2d {
             config.dilation,
             config.groups,
         )?;
-        if in_channels % config.groups != 0 || out_channels % config.groups != 0 {
+        if !in_channels.is_multiple_of(config.groups) || !out_channels.is_multiple_of(config.groups)
+        {
             return Err(Error::invalid(format!(
                 "conv2d: channels {in_channels} -> {out_channels} are not divisible by groups {}",
                 config.groups
@@ -1287,7 +1288,8 @@ impl ConvTranspose2d {
             config.dilation,
             config.groups,
         )?;
-        if in_channels % config.groups != 0 || out_channels % config.groups != 0 {
+        if !in_channels.is_multiple_of(config.groups) || !out_channels.is_multiple_of(config.groups)
+        {
             return Err(Error::invalid(format!(
                 "conv_transpose2d: channels {in_channels} -> {out_channels} are not divisible by groups {}",
                 config.groups

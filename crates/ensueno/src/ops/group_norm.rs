@@ -220,7 +220,7 @@ impl Module for GroupNorm {
 }
 
 fn check_groups(num_groups: usize, channels: usize) -> Result<()> {
-    if num_groups == 0 || channels % num_groups != 0 {
+    if num_groups == 0 || !channels.is_multiple_of(num_groups) {
         return Err(Error::invalid(format!(
             "group norm: {channels} channels cannot be split into {num_groups} groups"
         )));

@@ -320,7 +320,7 @@ impl Text2ImageTask {
                 data.name
             ))
         })?;
-        if data.channels != 3 || data.height % 8 != 0 || data.width % 8 != 0 {
+        if data.channels != 3 || !data.height.is_multiple_of(8) || !data.width.is_multiple_of(8) {
             return Err(Error::invalid(format!(
                 "text-to-image training needs RGB images whose sides are multiples of 8, got {}x{}x{}",
                 data.channels, data.height, data.width

@@ -379,10 +379,119 @@ multiversion! {
     }
 }
 
-/// Scratch length [`transform_input`] needs for `tiles` tiles of rows of
-/// `tw` tiles.
+/// Scratch length [`transform_input`] needs for units of `tiles` tiles in
+/// rows of `tw` tiles: the column-transformed input rows of one channel.
 fn input_scratch_len(tw: usize, tiles: usize) -> usize {
-    16 * tiles + 4 * (tw + 1)
+    8 * (tiles + tw)
+}
+
+/// `(p0 - p2, p1 + p2, p2 - p1, p1 - p3)`: `B^T` applied to four values.
+#[inline(always)]
+fn bt4(p0: f32, p1: f32, p2: f32, p3: f32) -> [f32; 4] {
+    [p0 - p2, p1 + p2, p2 - p1, p1 - p3]
+}
+
+/// The column transform of one input row: `out[j * stride + k]` is element
+/// `j` of `B^T (p0, p1, p2, p3)` with `p_m` input column `2k - pad + m` of
+/// `src` (zero outside it), for the `tw` tiles `k` of the row.
+#[inline(always)]
+fn column_transform(src: &[f32], pad: usize, tw: usize, out: &mut [f32], stride: usize) {
+    assert!(out.len() >= 3 * stride + tw);
+    #[cfg(target_arch = "x86_64")]
+    if crate::ops::group_norm::simd_level() == 2 {
+        // SAFETY: AVX-512F was detected at run time; `out` holds the four
+        // rows written (asserted above).
+        unsafe { column_transform_avx512(src, pad, tw, out.as_mut_ptr(), stride) };
+        return;
+    }
+    column_transform_scalar(src, pad, tw, out, stride);
+}
+
+/// [`column_transform`] one tile at a time (CPUs without AVX-512).
+#[inline(always)]
+fn column_transform_scalar(src: &[f32], pad: usize, tw: usize, out: &mut [f32], stride: usize) {
+    let wd = src.len();
+    let px = |col: isize| {
+        if col >= 0 && (col as usize) < wd {
+            src[col as usize]
+        } else {
+            0.0
+        }
+    };
+    for k in 0..tw {
+        let x0 = 2 * k as isize - pad as isize;
+        let vals = bt4(px(x0), px(x0 + 1), px(x0 + 2), px(x0 + 3));
+        for (j, val) in vals.into_iter().enumerate() {
+            out[j * stride + k] = val;
+        }
+    }
+}
+
+/// [`column_transform`] 16 tiles at a time: masked loads of the 34 input
+/// columns the tiles read (the masks supply the zero padding, so there is no
+/// padded copy), split into even and odd columns by two permutes.
+///
+/// # Safety
+/// The CPU must have AVX-512F, and `out` must be valid for writes of
+/// `out[j * stride + k]`, `j < 4`, `k < tw`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn column_transform_avx512(
+    src: &[f32],
+    pad: usize,
+    tw: usize,
+    out: *mut f32,
+    stride: usize,
+) {
+    use std::arch::x86_64::*;
+    let wd = src.len() as isize;
+    // Lanes `l < lanes` with `0 <= col + l < wd`.
+    let mask = |col: isize, lanes: isize| -> u16 {
+        let lo = (-col).clamp(0, lanes);
+        let hi = (wd - col).clamp(lo, lanes);
+        (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u16
+    };
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let p = src.as_ptr();
+    let mut k0 = 0;
+    while k0 < tw {
+        let base = 2 * k0 as isize - pad as isize;
+        // SAFETY: masked-off lanes are not read, and every lane left on is
+        // a column inside `src`.
+        let (l0, l1, l2) = unsafe {
+            (
+                _mm512_maskz_loadu_ps(mask(base, 16), p.wrapping_offset(base)),
+                _mm512_maskz_loadu_ps(mask(base + 16, 16), p.wrapping_offset(base + 16)),
+                _mm512_maskz_loadu_ps(mask(base + 32, 2), p.wrapping_offset(base + 32)),
+            )
+        };
+        // a[t], b[t]: columns base + 2t and base + 2t + 1; a2, b2 the same
+        // one tile on (lane 15 from l2).
+        let a = _mm512_permutex2var_ps(l0, even, l1);
+        let b = _mm512_permutex2var_ps(l0, odd, l1);
+        let b_hi = _mm512_permutexvar_ps(_mm512_set1_epi32(1), l2);
+        let shift = |lo: __m512, hi: __m512| {
+            _mm512_castsi512_ps(_mm512_alignr_epi32::<1>(
+                _mm512_castps_si512(hi),
+                _mm512_castps_si512(lo),
+            ))
+        };
+        let (a2, b2) = (shift(a, l2), shift(b, b_hi));
+        let vals = [
+            _mm512_sub_ps(a, a2),
+            _mm512_add_ps(b, a2),
+            _mm512_sub_ps(a2, b),
+            _mm512_sub_ps(b, b2),
+        ];
+        let n = (tw - k0).min(16);
+        let m = ((1u32 << n) - 1) as u16;
+        for (j, val) in vals.into_iter().enumerate() {
+            // SAFETY: tiles k0 .. k0 + n of row j (caller's contract).
+            unsafe { _mm512_mask_storeu_ps(out.add(j * stride + k0), m, val) };
+        }
+        k0 += 16;
+    }
 }
 
 multiversion! {
@@ -390,108 +499,67 @@ multiversion! {
     /// global tile rows `q0 .. q0 + r` and every channel, with
     /// `B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`.
     ///
-    /// The 4 columns `2tc .. 2tc + 4` of tile `tc` in a padded input row are
-    /// its even and odd columns `e[tc], o[tc], e[tc + 1], o[tc + 1]`; for each
-    /// of a tile's 4 input rows these four are gathered into arrays indexed by
-    /// tile (`e0, e1, o0, o1`), so that both stages of the transform (columns,
-    /// then rows) run as flat loops over all of the unit's tiles: full vector
-    /// width even for rows of 7 or 14 tiles.
+    /// Tile row `tr` reads input rows `2 tr - pad .. 2 tr - pad + 4`, so
+    /// neighbouring tile rows share two. The column transform (`B^T` along
+    /// each row's four columns `2 tc - pad ..`) therefore runs once per input
+    /// row, straight from the input (no padded copy), into `ct[par][j][idx]`
+    /// where input row `2 (tr0 + idx) - pad + par` of a run of tile rows of
+    /// one image starting at `tr0`. In that layout the four rows of every
+    /// tile of the run sit at the same offset of `ct[0][j]`, `ct[1][j]`,
+    /// `ct[0][j] + tw` and `ct[1][j] + tw`, so the row transform is one flat
+    /// loop over all of the run's tiles (full vector width even for rows of
+    /// 7 or 14 tiles) that writes each element of `v` once.
     #[inline(never)]
     fn transform_input(g: &Geom, x: &[f32], q0: usize, r: usize, v: &mut [f32], scratch: &mut [f32]) {
         let (c, h, wd, pad) = (g.c, g.h, g.w, g.pad);
         let (th, tw) = (g.ho.div_ceil(2), g.wo.div_ceil(2));
         let tiles = r * tw;
         let plane = c * tiles;
-        let len = tw + 1;
-        // gathered[i][a][t]: a = e0, e1, o0, o1 of input row i of tile t;
-        // padded: one zero-padded input row; even, odd: its columns.
-        let (gathered, rest) = scratch[..input_scratch_len(tw, tiles)].split_at_mut(16 * tiles);
-        let (padded, rest) = rest.split_at_mut(2 * len);
-        let (even, odd) = rest.split_at_mut(len);
-        padded.fill(0.0);
-        // Padded column p is input column p - pad.
-        let (lo, hi) = (pad.min(2 * len), (pad + wd).min(2 * len));
-        for ci in 0..c {
-            for rr in 0..r {
-                let q = q0 + rr;
-                let (ni, tr) = (q / th, q % th);
+        let mut rr = 0;
+        while rr < r {
+            let q = q0 + rr;
+            let (ni, tr0) = (q / th, q % th);
+            // A run: tile rows of image ni from tr0 on, inside the unit.
+            let s = (th - tr0).min(r - rr);
+            let rows = (s + 1) * tw;
+            let ct = &mut scratch[..8 * rows];
+            for ci in 0..c {
                 let xc = &x[(ni * c + ci) * h * wd..][..h * wd];
-                let top = 2 * tr as isize - pad as isize;
-                for i in 0..4 {
-                    let row = &mut gathered[4 * i * tiles..][..4 * tiles];
-                    let (e0, rest) = row.split_at_mut(tiles);
-                    let (e1, rest) = rest.split_at_mut(tiles);
-                    let (o0, o1) = rest.split_at_mut(tiles);
-                    let at = rr * tw;
-                    let (e0, e1) = (&mut e0[at..][..tw], &mut e1[at..][..tw]);
-                    let (o0, o1) = (&mut o0[at..][..tw], &mut o1[at..][..tw]);
-                    let ih = top + i as isize;
+                for pr in 0..2 * s + 2 {
+                    let (par, idx) = (pr % 2, pr / 2);
+                    let at = |j: usize| (par * 4 + j) * rows + idx * tw;
+                    let ih = (2 * tr0 + pr) as isize - pad as isize;
                     if ih < 0 || ih >= h as isize {
-                        e0.fill(0.0);
-                        e1.fill(0.0);
-                        o0.fill(0.0);
-                        o1.fill(0.0);
+                        for j in 0..4 {
+                            ct[at(j)..][..tw].fill(0.0);
+                        }
                         continue;
                     }
                     let src = &xc[ih as usize * wd..][..wd];
-                    padded[lo..hi].copy_from_slice(&src[..hi - lo]);
-                    for ((e, o), pair) in even
-                        .iter_mut()
-                        .zip(odd.iter_mut())
-                        .zip(padded.chunks_exact(2))
-                    {
-                        *e = pair[0];
-                        *o = pair[1];
+                    column_transform(src, pad, tw, &mut ct[at(0)..], rows);
+                }
+                // Rows: B^T across each tile's four column-transformed rows.
+                let len = s * tw;
+                let dst0 = rr * tw + ci * tiles;
+                for j in 0..4 {
+                    let e = &ct[j * rows..][..rows];
+                    let o = &ct[(4 + j) * rows..][..rows];
+                    let (e0, e1, o0, o1) = (&e[..len], &e[tw..][..len], &o[..len], &o[tw..][..len]);
+                    let at = |i: usize| (4 * i + j) * plane + dst0;
+                    let (lo, hi) = v.split_at_mut(at(2));
+                    let (v0, v1) = lo[at(0)..].split_at_mut(4 * plane);
+                    let (v2, v3) = hi.split_at_mut(4 * plane);
+                    let (v0, v1, v2, v3) = (&mut v0[..len], &mut v1[..len], &mut v2[..len], &mut v3[..len]);
+                    for f in 0..len {
+                        let [a, b, cc, d] = bt4(e0[f], o0[f], e1[f], o1[f]);
+                        v0[f] = a;
+                        v1[f] = b;
+                        v2[f] = cc;
+                        v3[f] = d;
                     }
-                    e0.copy_from_slice(&even[..tw]);
-                    e1.copy_from_slice(&even[1..]);
-                    o0.copy_from_slice(&odd[..tw]);
-                    o1.copy_from_slice(&odd[1..]);
                 }
             }
-            // Columns: B^T applied to each row's (e0, o0, e1, o1), written to
-            // v[4i + j]; then rows, in place across i.
-            for i in 0..4 {
-                let row = &gathered[4 * i * tiles..][..4 * tiles];
-                let (e0, rest) = row.split_at(tiles);
-                let (e1, rest) = rest.split_at(tiles);
-                let (o0, o1) = rest.split_at(tiles);
-                let at = |j: usize| (4 * i + j) * plane + ci * tiles;
-                let (lo, hi) = v.split_at_mut(at(2));
-                let (v0, v1) = lo[at(0)..].split_at_mut(plane);
-                let (v2, v3) = hi.split_at_mut(plane);
-                let (v0, v1, v2, v3) = (
-                    &mut v0[..tiles],
-                    &mut v1[..tiles],
-                    &mut v2[..tiles],
-                    &mut v3[..tiles],
-                );
-                for k in 0..tiles {
-                    v0[k] = e0[k] - e1[k];
-                    v1[k] = o0[k] + e1[k];
-                    v2[k] = e1[k] - o0[k];
-                    v3[k] = o0[k] - o1[k];
-                }
-            }
-            for j in 0..4 {
-                let at = |i: usize| (4 * i + j) * plane + ci * tiles;
-                let (lo, hi) = v.split_at_mut(at(2));
-                let (r0, r1) = lo[at(0)..].split_at_mut(4 * plane);
-                let (r2, r3) = hi.split_at_mut(4 * plane);
-                let (r0, r1, r2, r3) = (
-                    &mut r0[..tiles],
-                    &mut r1[..tiles],
-                    &mut r2[..tiles],
-                    &mut r3[..tiles],
-                );
-                for k in 0..tiles {
-                    let (d0, d1, d2, d3) = (r0[k], r1[k], r2[k], r3[k]);
-                    r0[k] = d0 - d2;
-                    r1[k] = d1 + d2;
-                    r2[k] = d2 - d1;
-                    r3[k] = d1 - d3;
-                }
-            }
+            rr += s;
         }
     }
 }
@@ -581,6 +649,38 @@ mod tests {
         (0..n).map(|_| rng.random_range(-1f32..1.)).collect()
     }
 
+    /// The AVX-512 column transform against the scalar one: every padding,
+    /// widths from one column to three 16-tile chunks.
+    #[test]
+    fn column_transform_paths_agree() {
+        if crate::ops::group_norm::simd_level() != 2 {
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        for pad in 0..=2usize {
+            for wd in 1..=40usize {
+                let Some(wo) = (wd + 2 * pad).checked_sub(2) else {
+                    continue;
+                };
+                let tw = wo.div_ceil(2);
+                let src = random(wd, &mut rng);
+                let stride = tw + 3;
+                let mut fast = vec![f32::NAN; 4 * stride];
+                let mut slow = fast.clone();
+                // SAFETY: AVX-512F detected above; `fast` holds 4 rows of
+                // `stride >= tw`.
+                unsafe { column_transform_avx512(&src, pad, tw, fast.as_mut_ptr(), stride) };
+                column_transform_scalar(&src, pad, tw, &mut slow, stride);
+                for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
+                    assert!(
+                        a == b || (a.is_nan() && b.is_nan()),
+                        "pad {pad} width {wd}: element {i}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
     /// Winograd against im2col on the same data, called directly (no global
     /// switch), forward and weight gradient: odd output sizes, paddings 0
     /// to 2, tiles split over units.
@@ -592,6 +692,8 @@ mod tests {
             (3, 16, 9, 17, 24, 0),
             (2, 20, 11, 8, 16, 2),
             (1, 16, 6, 900, 16, 1),
+            // Units of two tile rows, most spanning two images.
+            (5, 16, 5, 6, 16, 1),
         ] {
             let g = Geom {
                 n,
