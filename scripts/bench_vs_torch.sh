@@ -3,7 +3,7 @@
 # issue: crates/ensueno/benches/cpu.rs and scripts/bench/torch_twin.py run
 # back to back on the same machine with the same thread count, then prints
 # RATIO <figure> <ensueno time / torch time> per figure (< 1: ensueno faster).
-#   usage: scripts/bench_vs_torch.sh [FILTER...]   (e.g. train_step sample_step conv2d)
+#   usage: [ROUNDS=N] scripts/bench_vs_torch.sh [FILTER...]   (e.g. train_step sample_step conv2d)
 #   THREADS (default: nproc); ENSUENO_VENV: an existing venv with torch and
 #   diffusers (e.g. /root/venvs/ensueno), else scripts/python_env.sh builds one
 # The heavy figures (latent_unet_step, sd15_unet_step, vae_decode_512) take
@@ -18,20 +18,47 @@ TORCH_OUT="$(mktemp)"
 trap 'rm -f "$RUST_OUT" "$TORCH_OUT"' EXIT
 
 cargo bench -q -p ensueno --bench cpu --no-run
-echo "# ensueno (candle), $THREADS threads"
-cargo bench -q -p ensueno --bench cpu -- "$@" | tee "$RUST_OUT"
-echo "# torch $("$PY" -c 'import torch; print(torch.__version__)'), $THREADS threads"
-"$PY" scripts/bench/torch_twin.py "$THREADS" "$@" | tee "$TORCH_OUT"
+# ROUNDS > 1 alternates the two sides ROUNDS times and reports, per figure,
+# the median of the per-round ratios (and their range): on a machine whose
+# speed drifts from minute to minute, each ratio then compares runs taken
+# seconds apart.
+ROUNDS="${ROUNDS:-1}"
+RATIOS="$(mktemp)"
+trap 'rm -f "$RUST_OUT" "$TORCH_OUT" "$RATIOS"' EXIT
+for round in $(seq 1 "$ROUNDS"); do
+    [ "$ROUNDS" -gt 1 ] && echo "# round $round of $ROUNDS"
+    echo "# ensueno (candle), $THREADS threads"
+    cargo bench -q -p ensueno --bench cpu -- "$@" | tee "$RUST_OUT"
+    echo "# torch $("$PY" -c 'import torch; print(torch.__version__)'), $THREADS threads"
+    "$PY" scripts/bench/torch_twin.py "$THREADS" "$@" | tee "$TORCH_OUT"
+    awk -v round="$round" '
+        FNR == NR && $1 == "TIME" { rust[$2] = $3; order[++n] = $2; next }
+        $1 == "TIME" { torch[$2] = $3 }
+        END {
+            for (i = 1; i <= n; i++) {
+                k = order[i]
+                if (k in torch && torch[k] > 0)
+                    printf "%s %s %.6f %.6f\n", round, k, rust[k], torch[k]
+            }
+        }
+    ' "$RUST_OUT" "$TORCH_OUT" >> "$RATIOS"
+done
 
 echo "# ratios (ensueno / torch)"
-awk '
-    FNR == NR && $1 == "TIME" { rust[$2] = $3; order[++n] = $2; next }
-    $1 == "TIME" { torch[$2] = $3 }
-    END {
-        for (i = 1; i <= n; i++) {
-            k = order[i]
-            if (k in torch && torch[k] > 0)
-                printf "RATIO %s %.2f   (ensueno %.4f s, torch %.4f s)\n", k, rust[k] / torch[k], rust[k], torch[k]
-        }
-    }
-' "$RUST_OUT" "$TORCH_OUT"
+if [ "$ROUNDS" -eq 1 ]; then
+    awk '{ printf "RATIO %s %.2f   (ensueno %.4f s, torch %.4f s)\n", $2, $3 / $4, $3, $4 }' "$RATIOS"
+else
+    # Per figure: median ratio over the rounds, its range, and the median
+    # times of each side.
+    "$PY" - "$RATIOS" <<'PYEOF'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    _, name, rust, torch = line.split()
+    rows.setdefault(name, []).append((float(rust), float(torch)))
+for name, pairs in rows.items():
+    ratios = sorted(r / t for r, t in pairs)
+    print(f"RATIO {name} {statistics.median(ratios):.2f}   (range {ratios[0]:.2f} - {ratios[-1]:.2f} over {len(pairs)} rounds; "
+          f"ensueno median {statistics.median(r for r, _ in pairs):.4f} s, torch median {statistics.median(t for _, t in pairs):.4f} s)")
+PYEOF
+fi

@@ -78,11 +78,12 @@ pub(super) fn applies(g: &Geom) -> bool {
 /// 3.5x slower than im2col with 52 MB of sums on 2 threads).
 const MAX_GRAD_WEIGHT_SUMS_BYTES: usize = 32 << 20;
 
-/// Input channels below this keep im2col for the weight gradient: at 32
+/// Input channels below this keep im2col for the weight gradient. At 32
 /// input channels (28x28, batch 64, to 32 or 64 outputs) Winograd's ran
-/// 8-15% slower on the development machine, from 64 up 10-20% faster
-/// (`examples/bench_winograd.rs`).
-const MIN_GRAD_WEIGHT_CHANNELS: usize = 48;
+/// 7-26% faster than im2col on the development machine once the input
+/// transform ran once per input row (before that, 8-15% slower);
+/// `examples/bench_winograd.rs`. Fewer channels are not measured.
+const MIN_GRAD_WEIGHT_CHANNELS: usize = 32;
 
 /// Whether [`grad_weight3x3`] computes the weight gradient of `g`.
 pub(super) fn grad_weight_applies(g: &Geom) -> bool {
