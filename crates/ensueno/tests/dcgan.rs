@@ -19,10 +19,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{BatchNorm, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
 use ensueno::models::dcgan::{
     discriminator_loss, generator_loss, DCGANConfig, DCGANDiscriminator, DCGANGenerator,
 };
+use ensueno::ops::batch_norm::BatchNorm2d;
 use ensueno::Error;
 
 fn fixtures(variant: &str) -> PathBuf {
@@ -48,15 +49,15 @@ fn load<T>(
     (model, varmap)
 }
 
-fn check_stats(prefix: &str, name: &str, bn: &BatchNorm, io: &HashMap<String, Tensor>) {
+fn check_stats(prefix: &str, name: &str, bn: &BatchNorm2d, io: &HashMap<String, Tensor>) {
     check(
         &format!("{prefix}.{name}.running_mean"),
-        bn.running_mean(),
+        bn.running_mean.as_tensor(),
         &io[&format!("stats.{prefix}.{name}.running_mean")],
     );
     check(
         &format!("{prefix}.{name}.running_var"),
-        bn.running_var(),
+        bn.running_var.as_tensor(),
         &io[&format!("stats.{prefix}.{name}.running_var")],
     );
 }

@@ -199,3 +199,136 @@ fn attention_rejects_bad_shapes() {
     let q2 = randn(&[5, 8], 0.0, 1.0);
     assert!(scaled_dot_product_attention(&q2, &k, &k, 1.0).is_err());
 }
+
+/// The fused training-mode BatchNorm(+activation) against candle_nn's
+/// `BatchNorm` (followed by candle's relu / maximum for the activations):
+/// output, the three gradients, and the running statistics after the step.
+fn bn_case(shape: &[usize], act: ensueno::ops::batch_norm::Activation) {
+    use candle_core::ModuleT;
+    use ensueno::ops::batch_norm::{Activation, BatchNorm2d};
+    let c = shape[1];
+    let dev = Device::Cpu;
+    let init = [
+        ("weight", randn(&[c], 1.0, 0.5)),
+        ("bias", randn(&[c], 0.0, 0.5)),
+        ("running_mean", randn(&[c], 0.0, 0.3)),
+        (
+            "running_var",
+            (randn(&[c], 0.0, 0.3).abs().unwrap() + 0.5).unwrap(),
+        ),
+    ];
+    let varmap = |_: ()| {
+        let vm = candle_nn::VarMap::new();
+        for (k, t) in &init {
+            vm.data()
+                .lock()
+                .unwrap()
+                .insert(k.to_string(), Var::from_tensor(t).unwrap());
+        }
+        vm
+    };
+    let (vm_ours, vm_ref) = (varmap(()), varmap(()));
+    let vb = |vm: &candle_nn::VarMap| candle_nn::VarBuilder::from_varmap(vm, DType::F32, &dev);
+    let ours_bn = BatchNorm2d::new(vb(&vm_ours), c, 1e-5, 0.1).unwrap();
+    let ref_bn = candle_nn::batch_norm(
+        c,
+        candle_nn::BatchNormConfig {
+            eps: 1e-5,
+            remove_mean: true,
+            affine: true,
+            momentum: 0.1,
+        },
+        vb(&vm_ref),
+    )
+    .unwrap();
+    let x = Var::from_tensor(&randn(shape, 1.5, 2.0)).unwrap();
+    let r = randn(shape, 0.0, 1.0);
+
+    let ours = ours_bn.forward_t(x.as_tensor(), true, act).unwrap();
+    let reference = ref_bn.forward_t(x.as_tensor(), true).unwrap();
+    let reference = match act {
+        Activation::Identity => reference,
+        Activation::Relu => reference.relu().unwrap(),
+        Activation::LeakyRelu(s) => reference
+            .maximum(&(&reference * s as f64).unwrap())
+            .unwrap(),
+    };
+    let tag = format!("batch_norm {shape:?} {act:?}");
+    check(&format!("{tag} value"), &ours, &reference);
+    let g_ours = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_ref = (&reference * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    check(
+        &format!("{tag} grad x"),
+        g_ours.get(&x).unwrap(),
+        g_ref.get(&x).unwrap(),
+    );
+    let (data_ours, data_ref) = (
+        vm_ours.data().lock().unwrap(),
+        vm_ref.data().lock().unwrap(),
+    );
+    for k in ["weight", "bias"] {
+        check(
+            &format!("{tag} grad {k}"),
+            g_ours.get(&data_ours[k]).unwrap(),
+            g_ref.get(&data_ref[k]).unwrap(),
+        );
+    }
+    for k in ["running_mean", "running_var"] {
+        check(
+            &format!("{tag} {k} after the step"),
+            data_ours[k].as_tensor(),
+            data_ref[k].as_tensor(),
+        );
+        assert!(
+            rel_err(
+                data_ours[k].as_tensor(),
+                &init.iter().find(|(n, _)| *n == k).unwrap().1
+            ) > 1e-3,
+            "{tag}: {k} was not updated"
+        );
+    }
+    // Evaluation mode: the running statistics, same as candle_nn.
+    let eval_ours = ours_bn
+        .forward_t(x.as_tensor(), false, Activation::Identity)
+        .unwrap();
+    let eval_ref = ref_bn.forward_t(x.as_tensor(), false).unwrap();
+    check(&format!("{tag} eval value"), &eval_ours, &eval_ref);
+}
+
+#[test]
+fn batch_norm_matches_candle_nn() {
+    use ensueno::ops::batch_norm::Activation;
+    for act in [
+        Activation::Identity,
+        Activation::Relu,
+        Activation::LeakyRelu(0.2),
+    ] {
+        bn_case(&[4, 6, 5, 3], act);
+        // Large enough for the parallel path.
+        bn_case(&[4, 8, 32, 32], act);
+    }
+    bn_case(&[16, 12], Activation::Relu);
+}
+
+#[test]
+fn batch_norm_rejects_bad_input() {
+    use ensueno::ops::batch_norm::{Activation, BatchNorm2d};
+    let vm = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let bn = BatchNorm2d::new(vb, 3, 1e-5, 0.1).unwrap();
+    let wrong_channels = randn(&[2, 4, 5, 5], 0.0, 1.0);
+    assert!(bn
+        .forward_t(&wrong_channels, true, Activation::Identity)
+        .is_err());
+    let one_value = randn(&[1, 3, 1, 1], 0.0, 1.0);
+    assert!(bn.forward_t(&one_value, true, Activation::Relu).is_err());
+    let x = randn(&[2, 3, 4, 4], 0.0, 1.0);
+    assert!(bn.forward_t(&x, true, Activation::LeakyRelu(1.5)).is_err());
+    let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    assert!(BatchNorm2d::new(vb.pp("other"), 3, -1.0, 0.1).is_err());
+}

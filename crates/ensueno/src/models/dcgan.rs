@@ -12,16 +12,18 @@
 //! in `generator/` and `discriminator/` subfolders (`config.json` +
 //! `model.safetensors`).
 //!
-//! BatchNorm is `candle_nn::BatchNorm` (momentum 0.1, eps 1e-5, as PyTorch):
-//! `train = true` normalises with batch statistics and updates the running
-//! statistics, `train = false` uses the running statistics.
+//! BatchNorm is `ops::batch_norm::BatchNorm2d` (momentum 0.1, eps 1e-5, as
+//! PyTorch), fused with the ReLU / LeakyReLU that follows it: `train = true`
+//! normalises with batch statistics and updates the running statistics,
+//! `train = false` uses the running statistics.
 
 use std::path::Path;
 
-use candle_core::{DType, Module, ModuleT, Tensor};
-use candle_nn::{BatchNorm, BatchNormConfig, Embedding, Linear, VarBuilder};
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{Embedding, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::ops::batch_norm::{Activation, BatchNorm2d};
 use crate::ops::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
 use crate::{Error, Result};
 
@@ -138,14 +140,9 @@ impl DCGANConfig {
     }
 }
 
-fn batch_norm(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
-    let config = BatchNormConfig {
-        eps: 1e-5,
-        remove_mean: true,
-        affine: true,
-        momentum: 0.1,
-    };
-    Ok(candle_nn::batch_norm(channels, config, vb)?)
+/// PyTorch's `BatchNorm2d` defaults (the twin's).
+fn batch_norm(channels: usize, vb: VarBuilder) -> Result<BatchNorm2d> {
+    BatchNorm2d::new(vb, channels, 1e-5, 0.1)
 }
 
 /// Checks `labels` against the model's classes: `Some` exactly when the model
@@ -197,10 +194,10 @@ pub struct DCGANGenerator {
     pub label_emb: Option<Embedding>,
     /// No bias: BatchNorm follows.
     pub fc: Linear,
-    pub bn0: BatchNorm,
+    pub bn0: BatchNorm2d,
     /// No bias: BatchNorm follows.
     pub deconv1: ConvTranspose2d,
-    pub bn1: BatchNorm,
+    pub bn1: BatchNorm2d,
     pub deconv2: ConvTranspose2d,
     config: DCGANConfig,
 }
@@ -272,9 +269,9 @@ impl DCGANGenerator {
             .fc
             .forward(&input)?
             .reshape((n, 2 * c.base_channels, side, side))?;
-        let h = self.bn0.forward_t(&h, train)?.relu()?;
+        let h = self.bn0.forward_t(&h, train, Activation::Relu)?;
         let h = self.deconv1.forward(&h)?;
-        let h = self.bn1.forward_t(&h, train)?.relu()?;
+        let h = self.bn1.forward_t(&h, train, Activation::Relu)?;
         Ok(self.deconv2.forward(&h)?.tanh()?)
     }
 }
@@ -290,7 +287,7 @@ pub struct DCGANDiscriminator {
     pub conv1: Conv2d,
     /// No bias: BatchNorm follows.
     pub conv2: Conv2d,
-    pub bn2: BatchNorm,
+    pub bn2: BatchNorm2d,
     pub fc: Linear,
     config: DCGANConfig,
 }
@@ -367,7 +364,7 @@ impl DCGANDiscriminator {
         };
         let h = leaky_relu(&self.conv1.forward(&x)?)?;
         let h = self.conv2.forward(&h)?;
-        let h = leaky_relu(&self.bn2.forward_t(&h, train)?)?;
+        let h = self.bn2.forward_t(&h, train, Activation::LeakyRelu(0.2))?;
         Ok(self.fc.forward(&h.flatten_from(1)?)?.squeeze(1)?)
     }
 }

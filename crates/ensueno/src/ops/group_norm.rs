@@ -470,7 +470,7 @@ fn group_stats(x: &[f32], eps: f32) -> (f32, f32) {
 }
 
 multiversion! {
-    fn sum_lanes(x: &[f32]) -> f64 {
+    pub(crate) fn sum_lanes(x: &[f32]) -> f64 {
         // f32 lanes keep the loop vectorised; flushing to f64 every 4096
         // elements bounds the rounding error of large groups.
         let mut total = 0f64;
@@ -491,7 +491,7 @@ multiversion! {
 }
 
 multiversion! {
-    fn sum_sq_dev_lanes(x: &[f32], mean: f32) -> f64 {
+    pub(crate) fn sum_sq_dev_lanes(x: &[f32], mean: f32) -> f64 {
         let mut total = 0f64;
         for block in x.chunks(4096) {
             let mut acc = [0f32; 16];

@@ -7,6 +7,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod batch_norm;
 pub mod bias;
 pub mod conv;
 pub mod geglu;
