@@ -7,7 +7,7 @@
 //! `(out * r).sum_all()` for a fixed random `r`.
 
 mod common;
-use common::check;
+use common::{check, weighted_grads};
 
 use candle_core::{DType, Device, Tensor, Var};
 use ensueno::ops::bias::add_plane_bias;
@@ -36,13 +36,8 @@ fn case(x_shape: &[usize], per_sample: bool) {
     let tag = format!("{x_shape:?} per_sample={per_sample}");
     check(&format!("{tag} value"), &ours, &reference);
 
-    let g_ours = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g_ref = (&reference * &r)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let g_ours = weighted_grads(&ours, &r);
+    let g_ref = weighted_grads(&reference, &r);
     for (name, v) in [("x", &x), ("b", &b)] {
         let a = g_ours.get(v.as_tensor()).unwrap();
         let e = g_ref.get(v.as_tensor()).unwrap();
@@ -100,13 +95,8 @@ fn conv_with_fused_bias_matches_separate_bias_add() {
         let tag = format!("conv [{n},{c},{hw},{hw}] -> {o}, k{k} s{stride}");
         check(&format!("{tag} value"), &ours, &reference);
         let r = randn(ours.dims());
-        let g_ours = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g_ref = (&reference * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g_ours = weighted_grads(&ours, &r);
+        let g_ref = weighted_grads(&reference, &r);
         for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
             let a = g_ours.get(v.as_tensor()).unwrap();
             let e = g_ref.get(v.as_tensor()).unwrap();
@@ -142,13 +132,8 @@ fn conv_with_per_sample_bias_matches_separate_adds() {
         .unwrap();
     check("per-sample conv value", &ours, &reference);
     let r = randn(ours.dims());
-    let g_ours = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g_ref = (&reference * &r)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let g_ours = weighted_grads(&ours, &r);
+    let g_ref = weighted_grads(&reference, &r);
     for (name, v) in [
         ("x", x.as_tensor()),
         ("t", t.as_tensor()),
@@ -182,13 +167,8 @@ fn conv_with_fused_residual_matches_separate_add() {
         let tag = format!("conv+residual [{n},{c},{hw},{hw}] -> {o}");
         check(&format!("{tag} value"), &ours, &reference);
         let r = randn(ours.dims());
-        let g_ours = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g_ref = (&reference * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g_ours = weighted_grads(&ours, &r);
+        let g_ref = weighted_grads(&reference, &r);
         for (name, v) in [("x", &x), ("w", &w), ("residual", &res)] {
             let a = g_ours.get(v.as_tensor()).unwrap();
             let e = g_ref.get(v.as_tensor()).unwrap();

@@ -6,7 +6,7 @@
 //! `(out * r).sum_all()` for a fixed random `r`.
 
 mod common;
-use common::{check, rel_err};
+use common::{check, rel_err, weighted_grads};
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use ensueno::ops::attention::{
@@ -57,13 +57,8 @@ fn gn_case(shape: &[usize], groups: usize, silu: bool) {
         );
     }
 
-    let g_ours = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g_ref = (&reference * &r)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let g_ours = weighted_grads(&ours, &r);
+    let g_ref = weighted_grads(&reference, &r);
     for (name, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
         check(
             &format!("{tag} grad {name}"),
@@ -160,13 +155,8 @@ fn attn_case(b: usize, tq: usize, tk: usize, d: usize) {
     let tag = format!("attention b={b} tq={tq} tk={tk} d={d}");
     check(&format!("{tag} value"), &ours, &reference);
     check(&format!("{tag} value vs explicit"), &ours, &explicit);
-    let g_ours = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g_ref = (&reference * &r)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let g_ours = weighted_grads(&ours, &r);
+    let g_ref = weighted_grads(&reference, &r);
     for (name, t) in [("q", &q), ("k", &k), ("v", &v)] {
         check(
             &format!("{tag} grad {name}"),
@@ -255,13 +245,8 @@ fn bn_case(shape: &[usize], act: ensueno::ops::batch_norm::Activation) {
     };
     let tag = format!("batch_norm {shape:?} {act:?}");
     check(&format!("{tag} value"), &ours, &reference);
-    let g_ours = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g_ref = (&reference * &r)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let g_ours = weighted_grads(&ours, &r);
+    let g_ref = weighted_grads(&reference, &r);
     check(
         &format!("{tag} grad x"),
         g_ours.get(&x).unwrap(),

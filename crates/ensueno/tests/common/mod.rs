@@ -36,3 +36,9 @@ pub fn check(what: &str, ours: &Tensor, reference: &Tensor) {
     let e = rel_err(ours, reference);
     assert!(e <= TOL, "{what}: relative error {e:e} > {TOL:e}");
 }
+
+/// The gradients of `(out * r).sum_all()`: every op test's scalar loss, with
+/// `r` a fixed random tensor of `out`'s shape.
+pub fn weighted_grads(out: &Tensor, r: &Tensor) -> candle_core::backprop::GradStore {
+    (out * r).unwrap().sum_all().unwrap().backward().unwrap()
+}
