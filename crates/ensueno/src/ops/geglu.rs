@@ -8,14 +8,16 @@
 //!
 //! candle's composite (two narrows, `gelu_erf`, a product) runs each step as
 //! a single-threaded pass, and the backward of `gelu_erf` alone is a dozen
-//! more. Here each direction is one parallel pass over the rows. The erf is
-//! the one candle's `gelu_erf` uses (libm's `erff`), so forward values equal
-//! the composite's. f32 on the CPU; other dtypes and devices use the
-//! composite.
+//! more. Here each direction is one parallel pass over the rows, vectorised:
+//! erf is Abramowitz & Stegun's 7.1.26 approximation (absolute error 1.5e-7
+//! in exact arithmetic, at most 5e-7 in f32 against libm, tested) with a
+//! polynomial `exp`,
+//! where candle's `gelu_erf` calls libm's scalar `erff` per element. f32 on
+//! the CPU; other dtypes and devices use the composite.
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
 
-use super::group_norm::{par_for, SyncPtr};
+use super::group_norm::{exp_approx, multiversion, par_for, SyncPtr};
 
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 64;
@@ -23,9 +25,51 @@ const ROWS_PER_TASK: usize = 64;
 /// Below this many input elements the work runs on the calling thread.
 const PAR_MIN: usize = 1 << 15;
 
+/// `erf(x)` by Abramowitz & Stegun, Handbook of Mathematical Functions,
+/// 7.1.26 (|error| <= 1.5e-7, 5e-7 after f32 rounding), written so that
+/// loops over it vectorise.
 #[inline(always)]
-fn erf_term(g: f32) -> f32 {
-    candle_core::cpu::erf::erf_f32(g * std::f32::consts::FRAC_1_SQRT_2)
+fn erf_approx(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / 0.327_591_1f32.mul_add(a, 1.0);
+    let poly = t * t.mul_add(
+        t.mul_add(
+            t.mul_add(t.mul_add(1.061_405_4, -1.453_152), 1.421_413_8),
+            -0.284_496_72,
+        ),
+        0.254_829_6,
+    );
+    (1.0 - poly * exp_approx(-a * a)).copysign(x)
+}
+
+/// `Φ(g) = (1 + erf(g / √2)) / 2`, the standard normal CDF.
+#[inline(always)]
+fn normal_cdf(g: f32) -> f32 {
+    (erf_approx(g * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5
+}
+
+// 1 / sqrt(2 pi)
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+multiversion! {
+    /// One row: `y = h gelu(g)`.
+    fn geglu_row(h: &[f32], gate: &[f32], y: &mut [f32]) {
+        for ((y, &h), &g) in y.iter_mut().zip(h).zip(gate) {
+            *y = h * (normal_cdf(g) * g);
+        }
+    }
+}
+
+multiversion! {
+    /// One row of the gradient: `dh = dy gelu(g)`, `dg = dy h gelu'(g)`.
+    fn geglu_grad_row(h: &[f32], gate: &[f32], dy: &[f32], dh: &mut [f32], dg: &mut [f32]) {
+        for j in 0..dy.len().min(h.len()).min(gate.len()).min(dh.len()).min(dg.len()) {
+            let (hv, g, dyv) = (h[j], gate[j], dy[j]);
+            let cdf = normal_cdf(g);
+            dh[j] = dyv * cdf * g;
+            dg[j] = dyv * hv * (cdf + g * INV_SQRT_2PI * exp_approx(-0.5 * g * g));
+        }
+    }
 }
 
 /// `h * gelu(gate)` for `x = [h, gate]` along the last dimension.
@@ -83,9 +127,7 @@ impl CustomOp1 for GegluOp {
                 .zip(x[r0 * 2 * d..].chunks_exact(2 * d))
             {
                 let (h, gate) = xr.split_at(d);
-                for ((y, &h), &g) in yr.iter_mut().zip(h).zip(gate) {
-                    *y = h * ((erf_term(g) + 1.) * 0.5 * g);
-                }
+                geglu_row(h, gate, yr);
             }
         });
         let mut dims = l.dims().to_vec();
@@ -132,8 +174,6 @@ impl CustomOp2 for GegluGradOp {
                 rows * d
             )
         }
-        // 1 / sqrt(2 pi)
-        const INV_SQRT_2PI: f32 = 0.398_942_3;
         let mut dx = vec![0f32; x.len()];
         let dst = SyncPtr(dx.as_mut_ptr());
         for_row_blocks(rows, x.len(), |r0, n| {
@@ -147,12 +187,7 @@ impl CustomOp2 for GegluGradOp {
             {
                 let (h, gate) = xr.split_at(d);
                 let (dh, dg) = o.split_at_mut(d);
-                for j in 0..d {
-                    let (hv, g, dyv) = (h[j], gate[j], gr[j]);
-                    let cdf = (erf_term(g) + 1.) * 0.5;
-                    dh[j] = dyv * cdf * g;
-                    dg[j] = dyv * hv * (cdf + g * INV_SQRT_2PI * (-0.5 * g * g).exp());
-                }
+                geglu_grad_row(h, gate, gr, dh, dg);
             }
         });
         Ok((CpuStorage::F32(dx), l2.shape().clone()))
@@ -169,6 +204,20 @@ mod tests {
         let hidden = x.narrow(D::Minus1, 0, half)?;
         let gate = x.narrow(D::Minus1, half, half)?;
         hidden * gate.gelu_erf()?
+    }
+
+    /// The erf approximation against libm's `erff` (candle's) on a fine
+    /// grid over [-6, 6]: A&S's 1.5e-7 plus f32 rounding of the polynomial
+    /// and `exp` (4.8e-7 measured, 8 ulp of values near 1).
+    #[test]
+    fn erf_matches_libm() {
+        let worst = (-60_000..=60_000)
+            .map(|i| i as f32 * 1e-4)
+            .map(|x| (erf_approx(x) - candle_core::cpu::erf::erf_f32(x)).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= 5e-7, "erf differs by {worst}");
+        assert_eq!(erf_approx(f32::INFINITY), 1.0);
+        assert_eq!(erf_approx(f32::NEG_INFINITY), -1.0);
     }
 
     /// Values and gradients against candle's composite (narrow, gelu_erf,
