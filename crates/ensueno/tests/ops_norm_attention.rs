@@ -207,7 +207,7 @@ fn bn_case(shape: &[usize], act: ensueno::ops::batch_norm::Activation) {
             (randn(&[c], 0.0, 0.3).abs().unwrap() + 0.5).unwrap(),
         ),
     ];
-    let varmap = |_: ()| {
+    let varmap = || {
         let vm = candle_nn::VarMap::new();
         for (k, t) in &init {
             vm.data()
@@ -217,7 +217,7 @@ fn bn_case(shape: &[usize], act: ensueno::ops::batch_norm::Activation) {
         }
         vm
     };
-    let (vm_ours, vm_ref) = (varmap(()), varmap(()));
+    let (vm_ours, vm_ref) = (varmap(), varmap());
     let vb = |vm: &candle_nn::VarMap| candle_nn::VarBuilder::from_varmap(vm, DType::F32, &dev);
     let ours_bn = BatchNorm2d::new(vb(&vm_ours), c, 1e-5, 0.1).unwrap();
     let ref_bn = candle_nn::batch_norm(

@@ -362,16 +362,11 @@ impl DCGANDiscriminator {
             }
             _ => images.clone(),
         };
-        let h = leaky_relu(&self.conv1.forward(&x)?)?;
+        let h = Activation::LeakyRelu(0.2).apply(&self.conv1.forward(&x)?)?;
         let h = self.conv2.forward(&h)?;
         let h = self.bn2.forward_t(&h, train, Activation::LeakyRelu(0.2))?;
         Ok(self.fc.forward(&h.flatten_from(1)?)?.squeeze(1)?)
     }
-}
-
-/// LeakyReLU with slope 0.2, as `max(x, 0.2 x)`.
-fn leaky_relu(x: &Tensor) -> Result<Tensor> {
-    Ok(x.maximum(&(x * 0.2)?)?)
 }
 
 /// `softplus(x) = log(1 + exp(x))`, stable for large `|x|`.

@@ -43,7 +43,8 @@ impl Activation {
         }
     }
 
-    fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// The activation from candle ops (any device and dtype).
+    pub fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Activation::Identity => Ok(x.clone()),
             Activation::Relu => x.relu(),

@@ -650,13 +650,12 @@ mod tests {
         (0..n).map(|_| rng.random_range(-1f32..1.)).collect()
     }
 
-    /// The AVX-512 column transform against the scalar one: every padding,
-    /// widths from one column to three 16-tile chunks.
+    /// Both column transforms against the definition (a zero-padded copy of
+    /// the row, `B^T` on each tile's four columns): every padding, widths
+    /// from one column to three 16-tile chunks. The AVX-512 one only where
+    /// the CPU has it; the scalar one everywhere.
     #[test]
-    fn column_transform_paths_agree() {
-        if crate::ops::group_norm::simd_level() != 2 {
-            return;
-        }
+    fn column_transforms_match_definition() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         for pad in 0..=2usize {
             for wd in 1..=40usize {
@@ -665,18 +664,39 @@ mod tests {
                 };
                 let tw = wo.div_ceil(2);
                 let src = random(wd, &mut rng);
+                let mut padded = vec![0f32; 2 * tw + 2];
+                for (i, &v) in src.iter().enumerate() {
+                    if let Some(p) = padded.get_mut(i + pad) {
+                        *p = v;
+                    }
+                }
                 let stride = tw + 3;
-                let mut fast = vec![f32::NAN; 4 * stride];
-                let mut slow = fast.clone();
-                // SAFETY: AVX-512F detected above; `fast` holds 4 rows of
-                // `stride >= tw`.
-                unsafe { column_transform_avx512(&src, pad, tw, fast.as_mut_ptr(), stride) };
+                let mut want = vec![f32::NAN; 4 * stride];
+                for k in 0..tw {
+                    let d = &padded[2 * k..2 * k + 4];
+                    let v = [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]];
+                    for (j, x) in v.into_iter().enumerate() {
+                        want[j * stride + k] = x;
+                    }
+                }
+                let same = |got: &[f32], what: &str| {
+                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            a == b || (a.is_nan() && b.is_nan()),
+                            "{what}: pad {pad} width {wd}: element {i}: {a} vs {b}"
+                        );
+                    }
+                };
+                let mut slow = vec![f32::NAN; 4 * stride];
                 column_transform_scalar(&src, pad, tw, &mut slow, stride);
-                for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
-                    assert!(
-                        a == b || (a.is_nan() && b.is_nan()),
-                        "pad {pad} width {wd}: element {i}: {a} vs {b}"
-                    );
+                same(&slow, "scalar");
+                #[cfg(target_arch = "x86_64")]
+                if crate::ops::group_norm::simd_level() == 2 {
+                    let mut fast = vec![f32::NAN; 4 * stride];
+                    // SAFETY: AVX-512F detected; `fast` holds 4 rows of
+                    // `stride >= tw`.
+                    unsafe { column_transform_avx512(&src, pad, tw, fast.as_mut_ptr(), stride) };
+                    same(&fast, "avx512");
                 }
             }
         }
