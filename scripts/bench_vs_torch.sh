@@ -8,6 +8,11 @@
 #   diffusers (e.g. /root/venvs/ensueno), else scripts/python_env.sh builds one
 # The heavy figures (latent_unet_step, sd15_unet_step, vae_decode_512) take
 # minutes with candle's current kernels: skip them with a filter.
+#   ENSUENO_BENCH_DEVICE=cuda: both sides run on the GPU (the Rust side must
+#   be built with --features cuda). ENSUENO_BENCH_BIN: a prebuilt bench
+#   binary to run instead of `cargo bench` (for a GPU machine without a Rust
+#   toolchain: `cargo bench -p ensueno --features cuda --bench cpu --no-run`
+#   prints its path).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/python_env.sh
@@ -17,7 +22,12 @@ RUST_OUT="$(mktemp)"
 TORCH_OUT="$(mktemp)"
 trap 'rm -f "$RUST_OUT" "$TORCH_OUT"' EXIT
 
-cargo bench -q -p ensueno --bench cpu --no-run
+if [ -n "${ENSUENO_BENCH_BIN:-}" ]; then
+    run_rust() { "$ENSUENO_BENCH_BIN" "$@"; }
+else
+    cargo bench -q -p ensueno --bench cpu --no-run
+    run_rust() { cargo bench -q -p ensueno --bench cpu -- "$@"; }
+fi
 # ROUNDS > 1 alternates the two sides ROUNDS times and reports, per figure,
 # the median of the per-round ratios (and their range): on a machine whose
 # speed drifts from minute to minute, each ratio then compares runs taken
@@ -28,7 +38,7 @@ trap 'rm -f "$RUST_OUT" "$TORCH_OUT" "$RATIOS"' EXIT
 for round in $(seq 1 "$ROUNDS"); do
     [ "$ROUNDS" -gt 1 ] && echo "# round $round of $ROUNDS"
     echo "# ensueno (candle), $THREADS threads"
-    cargo bench -q -p ensueno --bench cpu -- "$@" | tee "$RUST_OUT"
+    run_rust "$@" | tee "$RUST_OUT"
     echo "# torch $("$PY" -c 'import torch; print(torch.__version__)'), $THREADS threads"
     "$PY" scripts/bench/torch_twin.py "$THREADS" "$@" | tee "$TORCH_OUT"
     awk -v round="$round" '

@@ -309,6 +309,11 @@ pub struct Text2ImageArgs {
     /// Continue the run in --output from its latest checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Start from these UNet weights instead of random ones: a diffusers
+    /// unet/ folder or a pipeline folder (e.g. models/emoji-text2image).
+    /// Optimizer state and EMA start fresh.
+    #[arg(long, value_name = "DIR", conflicts_with = "resume")]
+    init_unet: Option<PathBuf>,
     /// Stop each epoch after this many batches (quick trials).
     #[arg(long)]
     max_steps_per_epoch: Option<usize>,
@@ -359,6 +364,11 @@ fn train_text2image(args: Text2ImageArgs) -> Result<()> {
             }
         },
     )?;
+    if let Some(dir) = &args.init_unet {
+        task.init_unet_from(dir)
+            .with_context(|| format!("--init-unet {}", dir.display()))?;
+        eprintln!("starting from the UNet weights in {}", dir.display());
+    }
     let what = format!(
         "training a {}-parameter UNet2DConditionModel on {} ({} images, styles {}, {} prompts; encoding took {:.0} s)",
         task.num_parameters(),

@@ -29,6 +29,11 @@
 //!
 //! Weights are random (candle's default initialisations, generated at run
 //! time): speed does not depend on the values.
+//!
+//! `ENSUENO_BENCH_DEVICE=cuda` (a build with `--features cuda`) runs the same
+//! figures on the GPU, as the twin does with the same variable: every timed
+//! call ends with a device synchronisation, the heavy figures get a warm-up
+//! too, and `sd15_unet_step_f16` (f16 weights and activations) is added.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -44,7 +49,19 @@ const BUDGET_S: f64 = 4.0;
 const MAX_RUNS: usize = 10;
 
 /// Times `f` and prints `TIME name median`.
-fn figure(name: &str, heavy: bool, mut f: impl FnMut() -> Result<()>) -> Result<()> {
+fn figure(
+    dev: &Device,
+    name: &str,
+    heavy: bool,
+    mut body: impl FnMut() -> Result<()>,
+) -> Result<()> {
+    // GPU kernels run asynchronously: a call is done when the device is.
+    let mut f = || -> Result<()> {
+        body()?;
+        dev.synchronize()?;
+        Ok(())
+    };
+    let heavy = heavy && dev.is_cpu();
     let runs = if heavy {
         1
     } else {
@@ -88,6 +105,23 @@ fn random_frozen<T>(dev: &Device, build: impl Fn(VarBuilder) -> Result<T>) -> Re
         build(VarBuilder::from_tensors(tensors, DType::F32, dev))?,
         params,
     ))
+}
+
+/// Random weights of `config`'s UNet in f16 (speed does not depend on the
+/// values).
+fn model_tensors_f16(
+    config: &UNet2DConditionConfig,
+    dev: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let varmap = VarMap::new();
+    UNet2DConditionModel::new(VarBuilder::from_varmap(&varmap, DType::F32, dev), config)?;
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned varmap"))?;
+    data.iter()
+        .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(DType::F16)?)))
+        .collect()
 }
 
 /// The optimizer of `train_step`.
@@ -198,8 +232,12 @@ fn main() -> Result<()> {
         .filter(|a| !a.starts_with("--"))
         .collect();
     let wanted = |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f));
-    let dev = Device::Cpu;
-    eprintln!("# ensueno cpu bench, {} threads", rayon_threads());
+    let dev = match std::env::var("ENSUENO_BENCH_DEVICE").as_deref() {
+        Err(_) | Ok("cpu") => Device::Cpu,
+        Ok("cuda") => Device::new_cuda(0)?,
+        Ok(other) => anyhow::bail!("ENSUENO_BENCH_DEVICE must be cpu or cuda, got {other}"),
+    };
+    eprintln!("# ensueno bench, {} threads, {dev:?}", rayon_threads());
 
     if wanted("train_step") || wanted("sample_step") {
         let config = UNet2DConfig::ddpm_mnist_class_conditional();
@@ -215,7 +253,7 @@ fn main() -> Result<()> {
             let params: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
             println!("PARAMS unet_2d_ddpm {params}");
             let mut opt = optimizer(&varmap)?;
-            figure("train_step", false, || {
+            figure(&dev, "train_step", false, || {
                 let pred = model.forward(&x, &t, Some(&labels))?;
                 let loss = candle_nn::loss::mse(&pred, &noise)?;
                 opt.backward_step(&loss)?;
@@ -225,7 +263,7 @@ fn main() -> Result<()> {
         if wanted("sample_step") {
             let (model, params) = random_frozen(&dev, |vb| Ok(UNet2DModel::new(vb, &config)?))?;
             println!("PARAMS unet_2d_ddpm {params}");
-            figure("sample_step", false, || {
+            figure(&dev, "sample_step", false, || {
                 model.forward(&x, &t, Some(&labels))?;
                 Ok(())
             })?;
@@ -235,11 +273,11 @@ fn main() -> Result<()> {
     if wanted("conv2d") {
         let x = Tensor::randn(0f32, 1., (16, 64, 64, 64), &dev)?;
         let w = Tensor::randn(0f32, 0.05, (64, 64, 3, 3), &dev)?;
-        figure("conv2d", false, || {
+        figure(&dev, "conv2d", false, || {
             conv2d(&x, &w)?;
             Ok(())
         })?;
-        figure("conv2d_candle", false, || {
+        figure(&dev, "conv2d_candle", false, || {
             conv2d_candle(&x, &w)?;
             Ok(())
         })?;
@@ -247,11 +285,11 @@ fn main() -> Result<()> {
     if wanted("conv_transpose2d") {
         let x = Tensor::randn(0f32, 1., (16, 64, 32, 32), &dev)?;
         let w = Tensor::randn(0f32, 0.05, (64, 32, 4, 4), &dev)?;
-        figure("conv_transpose2d", false, || {
+        figure(&dev, "conv_transpose2d", false, || {
             conv_transpose2d(&x, &w)?;
             Ok(())
         })?;
-        figure("conv_transpose2d_candle", false, || {
+        figure(&dev, "conv_transpose2d_candle", false, || {
             conv_transpose2d_candle(&x, &w)?;
             Ok(())
         })?;
@@ -269,11 +307,11 @@ fn main() -> Result<()> {
             Tensor::ones(32, DType::F32, &dev)?,
             Tensor::zeros(32, DType::F32, &dev)?,
         );
-        figure("group_norm", false, || {
+        figure(&dev, "group_norm", false, || {
             group_norm_silu(&x, &weight, &bias)?;
             Ok(())
         })?;
-        figure("group_norm_candle", false, || {
+        figure(&dev, "group_norm_candle", false, || {
             group_norm_silu_candle(&x, &norm)?;
             Ok(())
         })?;
@@ -282,11 +320,11 @@ fn main() -> Result<()> {
         let qkv: Vec<Tensor> = (0..3)
             .map(|_| Tensor::randn(0f32, 1., (16, 4096, 40), &dev))
             .collect::<candle_core::Result<_>>()?;
-        figure("attention", false, || {
+        figure(&dev, "attention", false, || {
             attention(&qkv[0], &qkv[1], &qkv[2])?;
             Ok(())
         })?;
-        figure("attention_candle", true, || {
+        figure(&dev, "attention_candle", true, || {
             attention_candle(&qkv[0], &qkv[1], &qkv[2])?;
             Ok(())
         })?;
@@ -300,7 +338,7 @@ fn main() -> Result<()> {
         let x = Tensor::randn(0f32, 1., (8, 4, 64, 64), &dev)?;
         let ctx = Tensor::randn(0f32, 1., (8, 77, 384), &dev)?;
         let t = Tensor::new(&[500f32], &dev)?;
-        figure("latent_unet_step", true, || {
+        figure(&dev, "latent_unet_step", true, || {
             model.forward(&x, &t, &ctx)?;
             Ok(())
         })?;
@@ -313,16 +351,27 @@ fn main() -> Result<()> {
         let x = Tensor::randn(0f32, 1., (2, 4, 64, 64), &dev)?;
         let ctx = Tensor::randn(0f32, 1., (2, 77, 768), &dev)?;
         let t = Tensor::new(&[500f32], &dev)?;
-        figure("sd15_unet_step", true, || {
+        figure(&dev, "sd15_unet_step", true, || {
             model.forward(&x, &t, &ctx)?;
             Ok(())
         })?;
+        if dev.is_cuda() {
+            let half = UNet2DConditionModel::new(
+                VarBuilder::from_tensors(model_tensors_f16(&config, &dev)?, DType::F16, &dev),
+                &config,
+            )?;
+            let (xh, ch) = (x.to_dtype(DType::F16)?, ctx.to_dtype(DType::F16)?);
+            figure(&dev, "sd15_unet_step_f16", true, || {
+                half.forward(&xh, &t, &ch)?;
+                Ok(())
+            })?;
+        }
     }
     if wanted("vae_decode_512") {
         let config = AutoencoderKLConfig::stable_diffusion_v1_5();
         let (vae, _) = random_frozen(&dev, |vb| Ok(AutoencoderKL::new(vb, &config)?))?;
         let z = Tensor::randn(0f32, 1., (1, 4, 64, 64), &dev)?;
-        figure("vae_decode_512", true, || {
+        figure(&dev, "vae_decode_512", true, || {
             vae.decode(&z)?;
             Ok(())
         })?;

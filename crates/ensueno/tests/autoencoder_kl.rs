@@ -11,7 +11,7 @@ use common::rel_err;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use ensueno::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use ensueno::Error;
@@ -27,7 +27,7 @@ fn weights(name: &str) -> HashMap<String, Tensor> {
         fixtures()
             .join(name)
             .join("diffusion_pytorch_model.safetensors"),
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap()
 }
@@ -38,11 +38,11 @@ fn config(name: &str) -> AutoencoderKLConfig {
 
 fn check(name: &str, weights: HashMap<String, Tensor>) {
     let cfg = config(name);
-    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_tensors(weights, DType::F32, &common::device());
     let vae = AutoencoderKL::new(vb, &cfg).unwrap();
     let io = candle_core::safetensors::load(
         fixtures().join(format!("case_{name}.safetensors")),
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap();
     let dist = vae.encode(&io["image"]).unwrap();
@@ -98,7 +98,7 @@ fn legacy_attention_key_names_load() {
 fn preset_builds() {
     let cfg = AutoencoderKLConfig::stable_diffusion_v1_5();
     assert_eq!(cfg.scaling_factor, 0.18215);
-    let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+    let vb = VarBuilder::zeros(DType::F32, &common::device());
     let vae = AutoencoderKL::new(vb, &cfg).unwrap();
     assert_eq!(vae.scaling_factor(), 0.18215);
     assert_eq!(vae.shift_factor(), None);
@@ -107,9 +107,9 @@ fn preset_builds() {
 #[test]
 fn bad_inputs_and_configs_are_errors() {
     let cfg = config("two_blocks");
-    let vb = VarBuilder::from_tensors(weights("two_blocks"), DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_tensors(weights("two_blocks"), DType::F32, &common::device());
     let vae = AutoencoderKL::new(vb, &cfg).unwrap();
-    let dev = Device::Cpu;
+    let dev = common::device();
     let gray = Tensor::zeros((1, 1, 32, 32), DType::F32, &dev).unwrap();
     assert!(matches!(vae.encode(&gray), Err(Error::Shape { .. })));
     let bad_latent = Tensor::zeros((1, 3, 8, 8), DType::F32, &dev).unwrap();

@@ -12,7 +12,7 @@ use common::rel_err;
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use ensueno::models::autoencoder_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
 use ensueno::Error;
@@ -23,7 +23,7 @@ fn fixtures() -> PathBuf {
 
 fn load_variant(variant: &str) -> (AutoencoderTiny, std::collections::HashMap<String, Tensor>) {
     let dir = fixtures().join(variant);
-    let dev = Device::Cpu;
+    let dev = common::device();
     let config = AutoencoderTinyConfig::from_file(&dir.join("config.json")).unwrap();
     let weights =
         candle_core::safetensors::load(dir.join("diffusion_pytorch_model.safetensors"), &dev)
@@ -59,9 +59,9 @@ fn tiny_mish_three_stages_matches_diffusers() {
 #[test]
 fn wrong_shapes_and_bad_configs_are_errors() {
     let (model, _) = load_variant("tiny_relu");
-    let bad = Tensor::zeros((1, 3, 8, 8), DType::F32, &Device::Cpu).unwrap();
+    let bad = Tensor::zeros((1, 3, 8, 8), DType::F32, &common::device()).unwrap();
     assert!(matches!(model.decode(&bad), Err(Error::Shape { .. })));
-    let bad = Tensor::zeros((3, 16, 16), DType::F32, &Device::Cpu).unwrap();
+    let bad = Tensor::zeros((3, 16, 16), DType::F32, &common::device()).unwrap();
     assert!(matches!(model.encode(&bad), Err(Error::Shape { .. })));
 
     let dir = tempfile::tempdir().unwrap();
@@ -91,11 +91,12 @@ fn scale_and_unscale_latents_round_trip() {
 fn taesd_files_with_wrong_names_are_model_errors() {
     // A diffusers-layout file is not a TAESD release file.
     let path = fixtures().join("tiny_relu/diffusion_pytorch_model.safetensors");
-    let err = AutoencoderTiny::from_taesd_files(None, &path, DType::F32, &Device::Cpu).unwrap_err();
+    let err =
+        AutoencoderTiny::from_taesd_files(None, &path, DType::F32, &common::device()).unwrap_err();
     assert!(matches!(err, Error::Model { .. }), "{err}");
     let missing = fixtures().join("missing.safetensors");
-    let err =
-        AutoencoderTiny::from_taesd_files(None, &missing, DType::F32, &Device::Cpu).unwrap_err();
+    let err = AutoencoderTiny::from_taesd_files(None, &missing, DType::F32, &common::device())
+        .unwrap_err();
     assert!(err.to_string().contains("missing.safetensors"), "{err}");
 }
 
@@ -108,7 +109,7 @@ fn real_taesd_matches_diffusers() {
         return;
     };
     let dir = PathBuf::from(shared).join("weights/taesd");
-    let dev = Device::Cpu;
+    let dev = common::device();
     let io = candle_core::safetensors::load(fixtures().join("real_io.safetensors"), &dev).unwrap();
 
     let model = AutoencoderTiny::from_taesd_files(
@@ -145,7 +146,7 @@ fn runs_in_f16_close_to_f32() {
     // Not a golden test: checks the model follows the VarBuilder's dtype.
     // Half precision: loose tolerance 1e-2 relative.
     let dir = fixtures().join("tiny_mish");
-    let dev = Device::Cpu;
+    let dev = common::device();
     let config = AutoencoderTinyConfig::from_file(&dir.join("config.json")).unwrap();
     let weights =
         candle_core::safetensors::load(dir.join("diffusion_pytorch_model.safetensors"), &dev)

@@ -21,7 +21,7 @@ use common::{rel_err, TOL};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use ensueno::models::bert::{BertConfig, BertModel};
 use ensueno::models::sentence_encoder::{l2_normalize, pool, Pooling, SentenceEncoder};
@@ -36,17 +36,17 @@ fn tiny_dir() -> PathBuf {
 }
 
 fn tiny_weights() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(tiny_dir().join("model.safetensors"), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(tiny_dir().join("model.safetensors"), &common::device()).unwrap()
 }
 
 fn tiny_model(weights: HashMap<String, Tensor>) -> BertModel {
     let config = BertConfig::from_file(&tiny_dir().join("config.json")).unwrap();
-    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_tensors(weights, DType::F32, &common::device());
     BertModel::new(vb, &config).unwrap()
 }
 
 fn tiny_io() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(tiny_dir().join("io.safetensors"), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(tiny_dir().join("io.safetensors"), &common::device()).unwrap()
 }
 
 fn assert_close(what: &str, ours: &Tensor, reference: &Tensor, tol: f32) -> f32 {
@@ -105,7 +105,7 @@ fn half_precision_runs_close_to_f32() {
     // The compute dtype follows the VarBuilder (f16 on GPUs later); the
     // softmax and mask stay f32, so f16 lands near the f32 reference.
     let config = BertConfig::from_file(&tiny_dir().join("config.json")).unwrap();
-    let vb = VarBuilder::from_tensors(tiny_weights(), DType::F16, &Device::Cpu);
+    let vb = VarBuilder::from_tensors(tiny_weights(), DType::F16, &common::device());
     let model = BertModel::new(vb, &config).unwrap();
     let io = tiny_io();
     let ours = model
@@ -142,7 +142,7 @@ fn prefixed_layout_without_pooler_loads() {
 
 #[test]
 fn tiny_sentence_encoder_matches_reference() {
-    let enc = SentenceEncoder::from_folder(&tiny_dir(), &Device::Cpu).unwrap();
+    let enc = SentenceEncoder::from_folder(&tiny_dir(), &common::device()).unwrap();
     assert_eq!(enc.max_length(), 16);
     assert!(enc.normalize());
     assert_eq!(enc.pooling(), Pooling::Mean);
@@ -172,7 +172,7 @@ fn tiny_sentence_encoder_matches_reference() {
 
 #[test]
 fn any_text_encodes_without_panic() {
-    let enc = SentenceEncoder::from_folder(&tiny_dir(), &Device::Cpu).unwrap();
+    let enc = SentenceEncoder::from_folder(&tiny_dir(), &common::device()).unwrap();
     let long: String = "elephant 🐘 象 ".repeat(1000);
     assert!(long.chars().count() >= 10_000);
     let texts = [
@@ -208,22 +208,22 @@ fn pooling_modes() {
             [[1f32, 2.], [3., 4.], [100., -100.]],
             [[-1., 0.], [5., 5.], [7., 7.]],
         ],
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap();
-    let mask = Tensor::new(&[[1u32, 1, 0], [1, 1, 1]], &Device::Cpu).unwrap();
+    let mask = Tensor::new(&[[1u32, 1, 0], [1, 1, 1]], &common::device()).unwrap();
     let get = |p| pool(&hidden, &mask, p).unwrap().to_vec2::<f32>().unwrap();
     assert_eq!(get(Pooling::Mean), vec![vec![2., 3.], vec![11. / 3., 4.]]);
     assert_eq!(get(Pooling::Cls), vec![vec![1., 2.], vec![-1., 0.]]);
     assert_eq!(get(Pooling::Max), vec![vec![3., 4.], vec![7., 7.]]);
     let s = get(Pooling::MeanSqrtLen);
     assert!((s[0][0] - 4. / 2f32.sqrt()).abs() < 1e-6);
-    let n = l2_normalize(&Tensor::new(&[[3f32, 4.], [0., 0.]], &Device::Cpu).unwrap())
+    let n = l2_normalize(&Tensor::new(&[[3f32, 4.], [0., 0.]], &common::device()).unwrap())
         .unwrap()
         .to_vec2::<f32>()
         .unwrap();
     assert_eq!(n, vec![vec![0.6, 0.8], vec![0., 0.]]);
-    let bad_mask = Tensor::new(&[[1u32, 1]], &Device::Cpu).unwrap();
+    let bad_mask = Tensor::new(&[[1u32, 1]], &common::device()).unwrap();
     assert!(matches!(
         pool(&hidden, &bad_mask, Pooling::Mean),
         Err(Error::Shape { .. })
@@ -246,10 +246,10 @@ fn bad_inputs_and_configs_are_clear_errors() {
         .unwrap_err();
     assert!(matches!(e, Error::Shape { .. }), "{e}");
     // Token id past the vocabulary; token type past type_vocab_size.
-    let big = Tensor::new(&[[1u32, 1000]], &Device::Cpu).unwrap();
+    let big = Tensor::new(&[[1u32, 1000]], &common::device()).unwrap();
     let e = model.forward(&big, None, None).unwrap_err().to_string();
     assert!(e.contains("0..1000"), "{e}");
-    let ok = Tensor::new(&[[1u32, 2]], &Device::Cpu).unwrap();
+    let ok = Tensor::new(&[[1u32, 2]], &common::device()).unwrap();
     let e = model
         .forward(&ok, Some(&big), None)
         .unwrap_err()
@@ -260,7 +260,7 @@ fn bad_inputs_and_configs_are_clear_errors() {
         .forward(&ok.to_dtype(DType::F32).unwrap(), None, None)
         .unwrap_err();
     assert!(e.to_string().contains("integer"), "{e}");
-    let long = Tensor::zeros((1, 65), DType::U32, &Device::Cpu).unwrap();
+    let long = Tensor::zeros((1, 65), DType::U32, &common::device()).unwrap();
     let e = model.forward(&long, None, None).unwrap_err().to_string();
     assert!(e.contains("max_position_embeddings"), "{e}");
 
@@ -293,7 +293,7 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[test]
 fn missing_folder_and_files_name_the_path() {
-    let e = SentenceEncoder::from_folder(Path::new("/no/such/minilm"), &Device::Cpu)
+    let e = SentenceEncoder::from_folder(Path::new("/no/such/minilm"), &common::device())
         .unwrap_err()
         .to_string();
     assert!(e.contains("/no/such/minilm"), "{e}");
@@ -307,7 +307,7 @@ fn missing_folder_and_files_name_the_path() {
         let dir = tempfile::tempdir().unwrap();
         copy_dir(&tiny_dir(), dir.path());
         std::fs::remove_file(dir.path().join(file)).unwrap();
-        let e = SentenceEncoder::from_folder(dir.path(), &Device::Cpu)
+        let e = SentenceEncoder::from_folder(dir.path(), &common::device())
             .unwrap_err()
             .to_string();
         assert!(e.contains(expect), "without {file}: {e}");
@@ -317,10 +317,10 @@ fn missing_folder_and_files_name_the_path() {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&tiny_dir(), dir.path());
     std::fs::write(dir.path().join("tokenizer.json"), "{not json").unwrap();
-    let e = SentenceEncoder::from_folder(dir.path(), &Device::Cpu).unwrap_err();
+    let e = SentenceEncoder::from_folder(dir.path(), &common::device()).unwrap_err();
     assert!(matches!(e, Error::Tokenizer(_)), "{e}");
     // Empty batch.
-    let enc = SentenceEncoder::from_folder(&tiny_dir(), &Device::Cpu).unwrap();
+    let enc = SentenceEncoder::from_folder(&tiny_dir(), &common::device()).unwrap();
     assert!(enc.encode(&[]).is_err());
 }
 
@@ -356,9 +356,9 @@ fn minilm_matches_transformers() {
     let meta = read_metadata(&path);
     let sentences = sentences(&meta);
     let texts: Vec<&str> = sentences.iter().map(String::as_str).collect();
-    let io = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let io = candle_core::safetensors::load(&path, &common::device()).unwrap();
 
-    let enc = SentenceEncoder::from_folder(&dir, &Device::Cpu).unwrap();
+    let enc = SentenceEncoder::from_folder(&dir, &common::device()).unwrap();
     assert_eq!(
         Some(enc.max_length() as u64),
         meta["max_seq_length"].as_u64()

@@ -9,7 +9,7 @@ use common::rel_err;
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use ensueno::models::clip_text_model::{CLIPTextConfig, CLIPTextModel};
 use ensueno::Error;
@@ -22,7 +22,7 @@ fn fixture(variant: &str) -> PathBuf {
 
 fn load(variant: &str) -> (CLIPTextModel, std::collections::HashMap<String, Tensor>) {
     let dir = fixture(variant);
-    let dev = Device::Cpu;
+    let dev = common::device();
     let config = CLIPTextConfig::from_file(&dir.join("config.json")).unwrap();
     let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &dev).unwrap();
     let vb = VarBuilder::from_tensors(weights, DType::F32, &dev);
@@ -82,12 +82,12 @@ fn shorter_sequences_and_single_prompt_work() {
 #[test]
 fn too_long_input_is_a_clear_error() {
     let (model, _) = load("gelu");
-    let ids = Tensor::zeros((1, 78), DType::U32, &Device::Cpu).unwrap();
+    let ids = Tensor::zeros((1, 78), DType::U32, &common::device()).unwrap();
     let err = model.forward(&ids).unwrap_err();
     assert!(err.to_string().contains("max_position_embeddings"), "{err}");
-    let ids = Tensor::zeros(77, DType::U32, &Device::Cpu).unwrap();
+    let ids = Tensor::zeros(77, DType::U32, &common::device()).unwrap();
     assert!(matches!(model.forward(&ids), Err(Error::Shape { .. })));
-    let ids = Tensor::zeros((1, 5), DType::U32, &Device::Cpu).unwrap();
+    let ids = Tensor::zeros((1, 5), DType::U32, &common::device()).unwrap();
     assert!(model.forward_with_clip_skip(&ids, 3).is_err());
 }
 
@@ -108,7 +108,7 @@ fn bad_config_values_are_errors() {
 
 #[test]
 fn missing_weights_are_an_error() {
-    let dev = Device::Cpu;
+    let dev = common::device();
     let config = CLIPTextConfig::from_file(&fixture("gelu").join("config.json")).unwrap();
     let mut weights =
         candle_core::safetensors::load(fixture("gelu").join("model.safetensors"), &dev).unwrap();
@@ -122,7 +122,7 @@ fn runs_in_f16_close_to_f32() {
     // Not a golden test: checks the model follows the VarBuilder's dtype.
     // Half precision: loose tolerance 1e-2 relative.
     let dir = fixture("quick_gelu");
-    let dev = Device::Cpu;
+    let dev = common::device();
     let config = CLIPTextConfig::from_file(&dir.join("config.json")).unwrap();
     let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &dev).unwrap();
     let model =

@@ -80,6 +80,26 @@ fn adamw_matches_candle_nn_f64_fallback() {
     compare_with_candle(DType::F64);
 }
 
+/// The tensor path (any dtype but f32 on the CPU, and every GPU) must keep
+/// no autograd graph in its moments: a graph there links each step to the
+/// last, and training ran out of GPU memory after about a hundred steps.
+#[test]
+fn adamw_fallback_moments_hold_no_graph() {
+    let start = init(&[&[4, 3]], DType::F64);
+    let var = Var::from_tensor(&start[0]).unwrap();
+    let mut opt = AdamW::new(vec![var.clone()], config()).unwrap();
+    for step in 0..3 {
+        // A gradient that depends on the variable (x^2 terms), so that it
+        // records ops.
+        opt.backward_step(&loss(std::slice::from_ref(&var), step))
+            .unwrap();
+    }
+    let state = opt.state().unwrap();
+    for key in ["0.exp_avg", "0.exp_avg_sq"] {
+        assert!(!state[key].track_op(), "{key} records an autograd graph");
+    }
+}
+
 /// One scalar step against the PyTorch formula written out in f64.
 #[test]
 fn adamw_first_step_formula() {

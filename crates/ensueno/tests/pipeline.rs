@@ -6,9 +6,11 @@
 //! in [0, 1], max |ours - diffusers| <= 3/255 and mean <= 0.5/255; on 8-bit
 //! pixels, max difference <= 3.
 
+mod common;
+
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use ensueno::io::model_folder::ModelFolder;
 use ensueno::io::npy::read_npy;
 use ensueno::pipelines::{GenerationInputs, GenerationRequest, Limits, StableDiffusionPipeline};
@@ -69,7 +71,7 @@ fn compare(
         let t = Tensor::from_vec(
             img.as_raw().iter().map(|&v| v as f32).collect::<Vec<_>>(),
             (height, width, 3),
-            &Device::Cpu,
+            &common::device(),
         )
         .unwrap()
         .permute((2, 0, 1))
@@ -114,7 +116,7 @@ fn load(model: &str) -> StableDiffusionPipeline {
         &["text_encoder", "tokenizer", "unet", "vae", "scheduler"],
     )
     .unwrap();
-    StableDiffusionPipeline::load(&folder, &Device::Cpu, DType::F32).unwrap()
+    StableDiffusionPipeline::load(&folder, &common::device(), DType::F32).unwrap()
 }
 
 #[test]
@@ -144,7 +146,7 @@ fn txt2img_matches_diffusers() {
         };
         let latents = read_npy(
             &fixtures().join(format!("{}.latents.npy", case.name)),
-            &Device::Cpu,
+            &common::device(),
         )
         .unwrap();
         let mut steps_seen = 0;
@@ -165,7 +167,7 @@ fn txt2img_matches_diffusers() {
         assert_eq!(steps_seen, case.steps, "{}", case.name);
         let expected = candle_core::safetensors::load(
             fixtures().join(format!("{}.expected.safetensors", case.name)),
-            &Device::Cpu,
+            &common::device(),
         )
         .unwrap();
         assert_eq!(out.images.len(), case.batch);
@@ -206,7 +208,7 @@ fn img2img_matches_diffusers() {
         let npy = |what: &str| {
             read_npy(
                 &fixtures().join(format!("{}.{what}.npy", case.name)),
-                &Device::Cpu,
+                &common::device(),
             )
             .unwrap()
         };
@@ -235,7 +237,7 @@ fn img2img_matches_diffusers() {
         );
         let expected = candle_core::safetensors::load(
             fixtures().join(format!("{}.expected.safetensors", case.name)),
-            &Device::Cpu,
+            &common::device(),
         )
         .unwrap();
         report.push(compare(&case.name, &out.images, &expected, 64, 64));
@@ -270,7 +272,25 @@ fn same_seed_same_image_and_batch_images_reproduce_alone() {
     alone.batch = 1;
     alone.seed = Some(1235);
     let c = run(&alone);
-    assert_eq!(c.images[0], a.images[1]);
+    if common::device().is_cpu() {
+        assert_eq!(c.images[0], a.images[1]);
+    } else {
+        // cuBLAS picks its kernels by problem size, so batch 1 and batch 2
+        // round differently (as in PyTorch); the H100 run of 2026-11-22
+        // found the images unequal to the bit. Same picture within 8-bit
+        // rounding of a few ulps is what a GPU promises.
+        let worst = c.images[0]
+            .as_raw()
+            .iter()
+            .zip(a.images[1].as_raw())
+            .map(|(&x, &y)| x.abs_diff(y))
+            .max()
+            .unwrap();
+        assert!(
+            worst <= 2,
+            "batch image vs alone: max difference {worst} levels"
+        );
+    }
 }
 
 #[test]
@@ -332,7 +352,7 @@ fn bad_inputs_are_errors_not_panics() {
             .unwrap_err()
             .to_string()
     };
-    let wrong = Tensor::zeros((1, 4, 7, 8), DType::F32, &Device::Cpu).unwrap();
+    let wrong = Tensor::zeros((1, 4, 7, 8), DType::F32, &common::device()).unwrap();
     let e = gen(
         &base,
         GenerationInputs {

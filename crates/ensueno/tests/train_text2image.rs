@@ -14,7 +14,7 @@ use ensueno::io::model_folder::ModelFolder;
 use ensueno::pipelines::prompting::PromptingConfig;
 use ensueno::pipelines::{GenerationRequest, Limits, StableDiffusionPipeline};
 use ensueno::train::text2image::{FrozenParts, Text2ImageConfig, Text2ImageTask};
-use ensueno::train::{train, TrainOptions};
+use ensueno::train::{train, TrainOptions, TrainTask};
 
 /// Single-threaded runs repeat to the last bit (see train_vae_gan.rs).
 fn single_thread() {
@@ -247,4 +247,78 @@ fn frozen_parts_from_a_pipeline_folder() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("no TAESD given"), "{e}");
+}
+
+#[test]
+fn init_unet_starts_from_an_exported_unet_and_refuses_a_mismatched_one() {
+    single_thread();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    run(&out, 1, false);
+    let model = out.join("model");
+    let unet_of = |folder: &Path| {
+        candle_core::safetensors::load(
+            folder.join("unet/diffusion_pytorch_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    // What `task` exports (its EMA weights), through a fresh folder.
+    let export = |task: &Text2ImageTask, name: &str| {
+        let folder = dir.path().join(name);
+        std::fs::create_dir_all(&folder).unwrap();
+        task.save_model(&folder).unwrap();
+        unet_of(&folder)
+    };
+    let exported = unet_of(&model);
+
+    let data = emoji6();
+    let new_task = |config: Text2ImageConfig, seed: u64| {
+        Text2ImageTask::new(
+            config,
+            frozen(),
+            &data,
+            1e-3,
+            seed,
+            &Device::Cpu,
+            &mut |_, _, _| {},
+        )
+        .unwrap()
+    };
+    // A differently seeded task starts elsewhere, then from the export (the
+    // pipeline folder or its unet/), and its EMA (what it exports) with it.
+    let mut task = new_task(tiny_config(), 7);
+    let before = export(&task, "fresh");
+    let key = "down_blocks.0.resnets.0.conv1.weight";
+    let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
+        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    assert!(diff(&before[key], &exported[key]) > 1e-3);
+    for source in [model.clone(), model.join("unet")] {
+        task.init_unet_from(&source).unwrap();
+        let after = export(&task, "again");
+        assert_eq!(after.len(), exported.len());
+        for (name, t) in &exported {
+            assert!(diff(&after[name], t) < 1e-6, "{name}");
+        }
+    }
+
+    // Another architecture: a clear error naming the tensor, nothing panics.
+    let mut config = tiny_config();
+    config.unet.block_out_channels = vec![8, 16];
+    let mut other = new_task(config, 0);
+    let e = other.init_unet_from(&model).unwrap_err().to_string();
+    assert!(e.contains("shape") || e.contains("expected"), "{e}");
+    let e = other
+        .init_unet_from(&dir.path().join("missing"))
+        .unwrap_err()
+        .to_string();
+    assert!(!e.is_empty());
 }

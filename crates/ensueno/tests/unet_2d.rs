@@ -11,7 +11,7 @@ use common::{rel_err, TOL};
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use ensueno::models::unet_2d::{UNet2DConfig, UNet2DModel};
 use ensueno::Error;
@@ -27,15 +27,16 @@ fn load(case: &str) -> (UNet2DModel, std::collections::HashMap<String, Tensor>) 
     let config = UNet2DConfig::from_file(dir.join("config.json")).unwrap();
     let weights = candle_core::safetensors::load(
         dir.join("diffusion_pytorch_model.safetensors"),
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap();
     let model = UNet2DModel::new(
-        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
+        VarBuilder::from_tensors(weights, DType::F32, &common::device()),
         &config,
     )
     .unwrap();
-    let io = candle_core::safetensors::load(dir.join("case.safetensors"), &Device::Cpu).unwrap();
+    let io =
+        candle_core::safetensors::load(dir.join("case.safetensors"), &common::device()).unwrap();
     (model, io)
 }
 
@@ -66,7 +67,7 @@ fn class_labels_must_match_the_config() {
         .forward(&io["sample"], &io["timesteps"], None)
         .unwrap_err();
     assert!(err.to_string().contains("class_labels"), "{err}");
-    let out_of_range = Tensor::new(&[7u32, 0], &Device::Cpu).unwrap();
+    let out_of_range = Tensor::new(&[7u32, 0], &common::device()).unwrap();
     let err = model
         .forward(&io["sample"], &io["timesteps"], Some(&out_of_range))
         .unwrap_err();
@@ -77,7 +78,7 @@ fn class_labels_must_match_the_config() {
         ..UNet2DConfig::from_file(fixture("class").join("config.json")).unwrap()
     };
     let unconditional =
-        UNet2DModel::new(VarBuilder::zeros(DType::F32, &Device::Cpu), &config).unwrap();
+        UNet2DModel::new(VarBuilder::zeros(DType::F32, &common::device()), &config).unwrap();
     let err = unconditional
         .forward(&io["sample"], &io["timesteps"], Some(&io["class_labels"]))
         .unwrap_err();
@@ -86,7 +87,7 @@ fn class_labels_must_match_the_config() {
 
 #[test]
 fn unsupported_config_is_refused() {
-    let vb = || VarBuilder::zeros(DType::F32, &Device::Cpu);
+    let vb = || VarBuilder::zeros(DType::F32, &common::device());
     let fourier = UNet2DConfig {
         time_embedding_type: "fourier".to_string(),
         ..UNet2DConfig::ddpm_mnist_class_conditional()
@@ -112,7 +113,7 @@ fn unsupported_config_is_refused() {
 #[test]
 fn wrong_sample_shape_is_an_error() {
     let (model, io) = load("class");
-    let sample = Tensor::zeros((2, 5, 8, 8), DType::F32, &Device::Cpu).unwrap();
+    let sample = Tensor::zeros((2, 5, 8, 8), DType::F32, &common::device()).unwrap();
     let err = model
         .forward(&sample, &io["timesteps"], Some(&io["class_labels"]))
         .unwrap_err();
@@ -124,7 +125,7 @@ fn wrong_sample_shape_is_an_error() {
 #[test]
 fn trains_with_autograd() {
     use candle_nn::Optimizer;
-    let dev = Device::Cpu;
+    let dev = common::device();
     let config = UNet2DConfig::from_file(fixture("class").join("config.json")).unwrap();
     let varmap = VarMap::new();
     let model =

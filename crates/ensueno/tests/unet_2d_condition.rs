@@ -10,7 +10,7 @@ use common::rel_err;
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use ensueno::models::unet_2d_condition::{OneOrMany, UNet2DConditionConfig, UNet2DConditionModel};
 use ensueno::Error;
@@ -26,10 +26,10 @@ fn load_model(name: &str) -> (UNet2DConditionConfig, UNet2DConditionModel) {
     let config = UNet2DConditionConfig::from_file(dir.join("config.json")).unwrap();
     let weights = candle_core::safetensors::load(
         dir.join("diffusion_pytorch_model.safetensors"),
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap();
-    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_tensors(weights, DType::F32, &common::device());
     let model = UNet2DConditionModel::new(vb, &config).unwrap();
     (config, model)
 }
@@ -38,7 +38,7 @@ fn run_case(model_name: &str, case: &str) {
     let (_, model) = load_model(model_name);
     let io = candle_core::safetensors::load(
         fixtures().join(format!("case_{case}.safetensors")),
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap();
     let out = model
@@ -79,9 +79,10 @@ fn sizes_not_multiple_of_upsampling_match_diffusers() {
 #[test]
 fn timesteps_as_f64_scalar_and_broadcast() {
     let (_, model) = load_model("sd1");
-    let io = candle_core::safetensors::load(fixtures().join("case_sd1.safetensors"), &Device::Cpu)
-        .unwrap();
-    let t = Tensor::new(500f64, &Device::Cpu).unwrap();
+    let io =
+        candle_core::safetensors::load(fixtures().join("case_sd1.safetensors"), &common::device())
+            .unwrap();
+    let t = Tensor::new(500f64, &common::device()).unwrap();
     let out = model
         .forward(&io["sample"], &t, &io["encoder_hidden_states"])
         .unwrap();
@@ -98,7 +99,7 @@ fn presets_build_configs_for_sd15_and_sd21() {
     assert!(v21.use_linear_projection);
     // Both build (zero weights) without error.
     for config in [v15, v21] {
-        let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+        let vb = VarBuilder::zeros(DType::F32, &common::device());
         UNet2DConditionModel::new(vb, &config).unwrap();
     }
 }
@@ -111,7 +112,7 @@ fn sd1_config() -> UNet2DConditionConfig {
 fn unknown_block_type_is_an_error() {
     let mut config = sd1_config();
     config.down_block_types[1] = "SimpleCrossAttnDownBlock2D".to_string();
-    let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+    let vb = VarBuilder::zeros(DType::F32, &common::device());
     let err = UNet2DConditionModel::new(vb, &config).unwrap_err();
     assert!(matches!(err, Error::UnknownName { .. }), "{err}");
 }
@@ -124,7 +125,7 @@ fn sdxl_addition_embedding_is_an_error() {
     json["addition_embed_type"] = "text_time".into();
     json["addition_time_embed_dim"] = 256.into();
     let config: UNet2DConditionConfig = serde_json::from_value(json).unwrap();
-    let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+    let vb = VarBuilder::zeros(DType::F32, &common::device());
     let err = UNet2DConditionModel::new(vb, &config).unwrap_err();
     assert!(matches!(err, Error::Config { .. }), "{err}");
     assert!(err.to_string().contains("addition_embed_type"), "{err}");
@@ -134,7 +135,7 @@ fn sdxl_addition_embedding_is_an_error() {
 fn explicit_num_attention_heads_is_refused_like_diffusers() {
     let mut config = sd1_config();
     config.num_attention_heads = Some(OneOrMany::One(8));
-    let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+    let vb = VarBuilder::zeros(DType::F32, &common::device());
     assert!(UNet2DConditionModel::new(vb, &config).is_err());
 }
 
@@ -142,7 +143,7 @@ fn explicit_num_attention_heads_is_refused_like_diffusers() {
 fn per_block_list_of_wrong_length_is_an_error() {
     let mut config = sd1_config();
     config.attention_head_dim = OneOrMany::Many(vec![8, 8, 8]);
-    let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+    let vb = VarBuilder::zeros(DType::F32, &common::device());
     assert!(matches!(
         UNet2DConditionModel::new(vb, &config),
         Err(Error::Config { .. })
@@ -152,7 +153,7 @@ fn per_block_list_of_wrong_length_is_an_error() {
 #[test]
 fn wrong_inputs_are_shape_errors() {
     let (_, model) = load_model("sd1");
-    let dev = Device::Cpu;
+    let dev = common::device();
     let t = Tensor::new(&[10f32], &dev).unwrap();
     let enc = Tensor::zeros((1, 5, 32), DType::F32, &dev).unwrap();
     let bad_channels = Tensor::zeros((1, 3, 8, 8), DType::F32, &dev).unwrap();
@@ -184,7 +185,7 @@ fn wrong_inputs_are_shape_errors() {
 #[test]
 #[ignore = "slow: full-size SD 1.5 UNet timing"]
 fn time_sd15_forward_batch2_64x64() {
-    let dev = Device::Cpu;
+    let dev = common::device();
     let config = UNet2DConditionConfig::stable_diffusion_v1_5();
     let vb = VarBuilder::zeros(DType::F32, &dev);
     let model = UNet2DConditionModel::new(vb, &config).unwrap();

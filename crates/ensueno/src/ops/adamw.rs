@@ -109,13 +109,17 @@ impl Optimizer for AdamW {
                     p.var.as_tensor().inplace_op2(&g, &op)?;
                 }
                 Moments::Tensor { m, v } => {
-                    let theta = p.var.as_tensor();
-                    let g = g.to_dtype(theta.dtype())?;
+                    // Detached: a gradient records the ops that made it
+                    // (down to the step's activations), and moments built
+                    // from it would keep every past step's graph alive, one
+                    // step's activations of memory per step.
+                    let theta = p.var.as_tensor().detach();
+                    let g = g.to_dtype(theta.dtype())?.detach();
                     let next_m = (&*m + ((&g - &*m)? * (1.0 - c.beta1))?)?;
                     let next_v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
                     let denom = ((next_v.sqrt()? * (1.0 / bc2.sqrt()))? + c.eps)?;
                     let update = ((&next_m / denom)? * (c.lr / bc1))?;
-                    let next_theta = ((theta * (1.0 - c.lr * c.weight_decay))? - update)?;
+                    let next_theta = ((&theta * (1.0 - c.lr * c.weight_decay))? - update)?;
                     p.var.set(&next_theta)?;
                     *m = next_m;
                     *v = next_v;

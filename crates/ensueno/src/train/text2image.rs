@@ -40,9 +40,10 @@ use crate::pipelines::text_encoder::TextEncoder;
 use crate::schedulers::SchedulerConfig;
 use crate::{Error, Result};
 
-/// The committed training config (`configs/text2image-emoji.json`): the
-/// UNet, the recipe and the run's defaults, so that one file reproduces
-/// the shipped model.
+/// A committed training config (`configs/text2image-emoji.json`, and
+/// `configs/text2image-emoji-stage2.json` for the GPU stage that continues
+/// from it with `--init-unet`): the UNet, the recipe and the run's defaults,
+/// so that the files reproduce the shipped model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Text2ImageConfig {
@@ -441,6 +442,24 @@ impl Text2ImageTask {
 
     pub fn num_parameters(&self) -> usize {
         self.params.num_parameters()
+    }
+
+    /// Replaces the random initial UNet weights with those of `dir`: a
+    /// diffusers `unet/` folder, or a pipeline folder holding one (as
+    /// diffusers' text-to-image fine-tuning starts from a pretrained UNet).
+    /// Every weight must be there with the config's shape; the EMA restarts
+    /// from the loaded weights. The optimizer state is not in such a folder:
+    /// it starts fresh, with the recipe's learning-rate warm-up.
+    pub fn init_unet_from(&mut self, dir: &Path) -> Result<()> {
+        let unet_dir = if dir.join("model_index.json").is_file() {
+            dir.join("unet")
+        } else {
+            dir.to_path_buf()
+        };
+        let tensors: HashMap<String, Tensor> = folder_tensors(&unet_dir)?.into_iter().collect();
+        crate::io::model_folder::in_component(&unet_dir, self.params.load_tensors(&tensors, ""))?;
+        self.ema = Ema::new(&self.params, self.config.recipe.ema_decay)?;
+        Ok(())
     }
 
     /// The styles found in the data (`noto`, `twemoji`).
