@@ -87,41 +87,29 @@ fn figure(
     Ok(())
 }
 
-/// Builds a model with freshly initialised random weights. The first build
-/// creates the variables; the model returned is built again from detached
-/// copies (sharing storage) so that inference records no autograd graph.
-fn random_frozen<T>(dev: &Device, build: impl Fn(VarBuilder) -> Result<T>) -> Result<(T, usize)> {
+/// Builds a model with freshly initialised random weights in `dtype`. The
+/// first build creates the variables (in f32); the model returned is built
+/// again from detached copies (sharing storage when `dtype` is f32) so that
+/// inference records no autograd graph.
+fn random_frozen<T>(
+    dev: &Device,
+    dtype: DType,
+    build: impl Fn(VarBuilder) -> Result<T>,
+) -> Result<(T, usize)> {
     let varmap = VarMap::new();
     build(VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
-    let tensors: HashMap<String, Tensor> = varmap
+    let tensors = varmap
         .data()
         .lock()
         .map_err(|_| anyhow::anyhow!("poisoned varmap"))?
         .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-        .collect();
+        .map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().to_dtype(dtype)?)))
+        .collect::<Result<HashMap<String, Tensor>>>()?;
     let params = tensors.values().map(|t| t.elem_count()).sum();
     Ok((
-        build(VarBuilder::from_tensors(tensors, DType::F32, dev))?,
+        build(VarBuilder::from_tensors(tensors, dtype, dev))?,
         params,
     ))
-}
-
-/// Random weights of `config`'s UNet in f16 (speed does not depend on the
-/// values).
-fn model_tensors_f16(
-    config: &UNet2DConditionConfig,
-    dev: &Device,
-) -> Result<HashMap<String, Tensor>> {
-    let varmap = VarMap::new();
-    UNet2DConditionModel::new(VarBuilder::from_varmap(&varmap, DType::F32, dev), config)?;
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned varmap"))?;
-    data.iter()
-        .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(DType::F16)?)))
-        .collect()
 }
 
 /// The optimizer of `train_step`.
@@ -261,7 +249,8 @@ fn main() -> Result<()> {
             })?;
         }
         if wanted("sample_step") {
-            let (model, params) = random_frozen(&dev, |vb| Ok(UNet2DModel::new(vb, &config)?))?;
+            let (model, params) =
+                random_frozen(&dev, DType::F32, |vb| Ok(UNet2DModel::new(vb, &config)?))?;
             println!("PARAMS unet_2d_ddpm {params}");
             figure(&dev, "sample_step", false, || {
                 model.forward(&x, &t, Some(&labels))?;
@@ -332,8 +321,9 @@ fn main() -> Result<()> {
 
     if wanted("latent_unet_step") {
         let config = latent_unet_config();
-        let (model, params) =
-            random_frozen(&dev, |vb| Ok(UNet2DConditionModel::new(vb, &config)?))?;
+        let (model, params) = random_frozen(&dev, DType::F32, |vb| {
+            Ok(UNet2DConditionModel::new(vb, &config)?)
+        })?;
         println!("PARAMS latent_unet {params}");
         let x = Tensor::randn(0f32, 1., (8, 4, 64, 64), &dev)?;
         let ctx = Tensor::randn(0f32, 1., (8, 77, 384), &dev)?;
@@ -345,8 +335,9 @@ fn main() -> Result<()> {
     }
     if wanted("sd15_unet_step") {
         let config = UNet2DConditionConfig::stable_diffusion_v1_5();
-        let (model, params) =
-            random_frozen(&dev, |vb| Ok(UNet2DConditionModel::new(vb, &config)?))?;
+        let (model, params) = random_frozen(&dev, DType::F32, |vb| {
+            Ok(UNet2DConditionModel::new(vb, &config)?)
+        })?;
         println!("PARAMS sd15_unet {params}");
         let x = Tensor::randn(0f32, 1., (2, 4, 64, 64), &dev)?;
         let ctx = Tensor::randn(0f32, 1., (2, 77, 768), &dev)?;
@@ -356,10 +347,9 @@ fn main() -> Result<()> {
             Ok(())
         })?;
         if dev.is_cuda() {
-            let half = UNet2DConditionModel::new(
-                VarBuilder::from_tensors(model_tensors_f16(&config, &dev)?, DType::F16, &dev),
-                &config,
-            )?;
+            let (half, _) = random_frozen(&dev, DType::F16, |vb| {
+                Ok(UNet2DConditionModel::new(vb, &config)?)
+            })?;
             let (xh, ch) = (x.to_dtype(DType::F16)?, ctx.to_dtype(DType::F16)?);
             figure(&dev, "sd15_unet_step_f16", true, || {
                 half.forward(&xh, &t, &ch)?;
@@ -369,7 +359,7 @@ fn main() -> Result<()> {
     }
     if wanted("vae_decode_512") {
         let config = AutoencoderKLConfig::stable_diffusion_v1_5();
-        let (vae, _) = random_frozen(&dev, |vb| Ok(AutoencoderKL::new(vb, &config)?))?;
+        let (vae, _) = random_frozen(&dev, DType::F32, |vb| Ok(AutoencoderKL::new(vb, &config)?))?;
         let z = Tensor::randn(0f32, 1., (1, 4, 64, 64), &dev)?;
         figure(&dev, "vae_decode_512", true, || {
             vae.decode(&z)?;
