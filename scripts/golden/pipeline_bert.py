@@ -27,6 +27,15 @@ array). Cases marked use_attention_mask=false are run on a copy of the folder
 whose text_encoder/config.json says "use_attention_mask": false (the Rust test
 makes the same copy), so both of diffusers' encode_prompt paths are covered.
 
+Also builds crates/ensueno/tests/fixtures/pipeline/tiny-bert-taesd-sentence-unet/unet:
+a UNet like the one above with Stable unCLIP's projection class embedding,
+which ensueno feeds the prompt's sentence embedding (the BERT token states
+averaged over the real tokens, L2-normalised, times sqrt(hidden size)). The
+"sentence" cases run on a copy of the folder with that UNet (the Rust test
+makes the same copy); StableDiffusionPipeline has no argument for class
+labels, so they are handed to the UNet's forward in the pipeline's
+[negative, positive] batch order.
+
 Saves, next to the folder, bert_<case>.latents.npy / .noise.npy (inputs),
 bert_<case>.expected.safetensors (the float images diffusers returns with
 output_type="np", NCHW f32, and the 8-bit images it would write, uint8),
@@ -65,6 +74,7 @@ from transformers import BertConfig, BertModel, BertTokenizerFast
 ROOT = os.path.join("crates", "ensueno", "tests", "fixtures")
 OUT = os.path.join(ROOT, "pipeline")
 MODEL = os.path.join(OUT, "tiny-bert-taesd")
+SENTENCE_UNET = os.path.join(OUT, "tiny-bert-taesd-sentence-unet")
 BERT = os.path.join(ROOT, "bert", "tiny")
 PREFIX = "bert_"
 
@@ -205,13 +215,7 @@ def write_tokenizer(dst):
     write_json(os.path.join(dst, "tokenizer_config.json"), TOKENIZER_CONFIG)
 
 
-def build():
-    """Writes the model folder; returns nothing (the reference reloads it)."""
-    config = BertConfig.from_pretrained(BERT)
-    torch.manual_seed(0)
-    text_encoder = BertModel(config).eval()
-    reinit(text_encoder, 1, std=0.2)
-
+def tiny_unet(cross_attention_dim, seed, **extra):
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
@@ -221,17 +225,60 @@ def build():
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=config.hidden_size,
+        cross_attention_dim=cross_attention_dim,
         attention_head_dim=4,
         norm_num_groups=8,
+        **extra,
     ).eval()
-    reinit(unet, 2, std=0.08)
+    reinit(unet, seed, std=0.08)
     # The UNet is stored in half precision (as most SD checkpoints are) to
     # keep the fixture small; the reference computes in f32 from exactly
     # those values, as ensueno does.
     with torch.no_grad():
         for p in unet.parameters():
             p.copy_(p.half().float())
+    return unet
+
+
+def save_unet_f16(unet, folder):
+    unet.save_pretrained(folder, safe_serialization=True)
+    path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    tensors = {k: v.half().contiguous() for k, v in load_file(path).items()}
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def class_labels(pipe, text):
+    """ensueno's class labels for a prompt: the scaled sentence embedding."""
+    t = pipe.tokenizer([text], padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = pipe.text_encoder(t.input_ids, attention_mask=t.attention_mask)[0]
+    mask = t.attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1) * hidden.shape[-1] ** 0.5
+
+
+def feed_class_labels(pipe, prompt, negative, guidance, batch):
+    """Hands the prompt's class labels to every UNet call of the pipeline."""
+    labels = class_labels(pipe, prompt).repeat(batch, 1)
+    if guidance > 1.0:
+        labels = torch.cat([class_labels(pipe, negative).repeat(batch, 1), labels])
+    forward = type(pipe.unet).forward.__get__(pipe.unet)
+
+    def with_labels(*args, **kwargs):
+        kwargs["class_labels"] = labels
+        return forward(*args, **kwargs)
+
+    pipe.unet.forward = with_labels
+
+
+def build():
+    """Writes the model folder; returns nothing (the reference reloads it)."""
+    config = BertConfig.from_pretrained(BERT)
+    torch.manual_seed(0)
+    text_encoder = BertModel(config).eval()
+    reinit(text_encoder, 1, std=0.2)
+
+    unet = tiny_unet(config.hidden_size, 2)
 
     vae = AutoencoderTiny(
         encoder_block_out_channels=(8, 8, 8, 8),
@@ -247,10 +294,16 @@ def build():
     os.makedirs(MODEL)
     write_tokenizer(os.path.join(MODEL, "tokenizer"))
     calibrate_decoder(vae, sample_latents(text_encoder, unet, vae))
-    unet.save_pretrained(os.path.join(MODEL, "unet"), safe_serialization=True)
-    path = os.path.join(MODEL, "unet", "diffusion_pytorch_model.safetensors")
-    tensors = {k: v.half().contiguous() for k, v in load_file(path).items()}
-    save_file(tensors, path, metadata={"format": "pt"})
+    save_unet_f16(unet, os.path.join(MODEL, "unet"))
+    if os.path.isdir(SENTENCE_UNET):
+        shutil.rmtree(SENTENCE_UNET)
+    sentence_unet = tiny_unet(
+        config.hidden_size,
+        4,
+        class_embed_type="projection",
+        projection_class_embeddings_input_dim=config.hidden_size,
+    )
+    save_unet_f16(sentence_unet, os.path.join(SENTENCE_UNET, "unet"))
     vae.save_pretrained(os.path.join(MODEL, "vae"), safe_serialization=True)
     text_encoder.save_pretrained(os.path.join(MODEL, "text_encoder"), safe_serialization=True)
     te_config_path = os.path.join(MODEL, "text_encoder", "config.json")
@@ -297,7 +350,8 @@ SCHEDULERS = {
 }
 
 CASES = [
-    # name, use_attention_mask, scheduler, prompt, negative, steps, guidance, batch, (height, width)
+    # name, variant (use_attention_mask, or "sentence"), scheduler, prompt, negative, steps,
+    # guidance, batch, (height, width)
     # (height, width) None: the model's default size, sample_size * 8 = 64.
     ("dpm2m", True, "dpm++2m", "a red apple", "", 8, 7.5, 1, None),
     ("dpm2m_empty_prompt", True, "dpm++2m", "", "", 6, 7.5, 1, (32, 32)),
@@ -307,6 +361,10 @@ CASES = [
     ("nomask_dpm2m", False, "dpm++2m", "a red apple", "", 8, 7.5, 1, (32, 32)),
     ("nomask_euler_long_prompt", False, "euler", LONG, "", 6, 4.0, 1, (32, 32)),
     ("nomask_ddim_noguidance", False, "ddim", "the lazy fox", "", 5, 1.0, 1, (32, 32)),
+    # "sentence": the UNet with the class embedding (attention mask on).
+    ("sentence_dpm2m", "sentence", "dpm++2m", "a red apple", "", 8, 7.5, 1, (32, 32)),
+    ("sentence_euler_batch2", "sentence", "euler", "an elephant", "brown", 6, 5.0, 2, (32, 32)),
+    ("sentence_ddim_noguidance", "sentence", "ddim", "a smiling face", "", 5, 1.0, 1, (32, 32)),
 ]
 
 IMG2IMG_CASES = [
@@ -327,11 +385,12 @@ def save_images(name, out):
     print(f"{name}: images {images.shape}, mean {images.mean():.3f} std {images.std():.3f}, saturated {saturated:.3f}")
 
 
-def case_entry(name, mask, sched, prompt, negative, steps, guidance, batch, h, w, strength=0.0):
+def case_entry(name, variant, sched, prompt, negative, steps, guidance, batch, h, w, strength=0.0):
+    sentence = variant == "sentence"
     return {
         "name": f"{PREFIX}{name}",
-        "model": "tiny-bert-taesd",
-        "use_attention_mask": mask,
+        "model": "tiny-bert-taesd-sentence" if sentence else "tiny-bert-taesd",
+        "use_attention_mask": True if sentence else variant,
         "scheduler": sched,
         "prompt": prompt,
         "negative_prompt": negative,
@@ -357,6 +416,8 @@ def txt2img(pipes):
         g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
         latents = torch.randn((batch, 4, h // 8, w // 8), generator=g, dtype=torch.float32)
         np.save(os.path.join(OUT, f"{PREFIX}{name}.latents.npy"), latents.numpy())
+        if mask == "sentence":
+            feed_class_labels(pipe, prompt, negative, guidance, batch)
         with torch.no_grad():
             out = pipe(
                 prompt=prompt,
@@ -443,7 +504,13 @@ def main():
         te_config["use_attention_mask"] = False
         write_json(path, te_config)
         unmasked = load(nomask_dir)
-        pipes = {True: masked, False: unmasked}
+        sentence_dir = os.path.join(tmp, "tiny-bert-taesd-sentence")
+        shutil.copytree(MODEL, sentence_dir)
+        shutil.rmtree(os.path.join(sentence_dir, "unet"))
+        shutil.copytree(os.path.join(SENTENCE_UNET, "unet"), os.path.join(sentence_dir, "unet"))
+        sentence = load(sentence_dir)
+        assert sentence.unet.config.class_embed_type == "projection"
+        pipes = {True: masked, False: unmasked, "sentence": sentence}
         index = {
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,

@@ -8,6 +8,15 @@ initial latents and saves the latents (the `--latents` input of
 `ensueno generate`) and diffusers' float images for
 crates/ensueno/tests/shipped_models.rs.
 
+When the UNet has a class embedding (`class_embed_type: "projection"`, as
+Stable unCLIP's), ensueno feeds it the prompt's sentence embedding: the
+encoder's token states averaged over the real tokens and L2-normalised
+(sentence-transformers' Pooling(mean) + Normalize), times sqrt(D) so that
+its entries have unit variance. StableDiffusionPipeline
+has no argument for class labels, so this script hands them to the UNet's
+forward, in the pipeline's [negative, positive] batch order; everything else
+is diffusers' own code.
+
 Run from the repository root:
     /root/venvs/ensueno/bin/python scripts/golden/shipped_text2image.py [MODEL_DIR]
 Outputs go to crates/ensueno/tests/fixtures/shipped/emoji_*.
@@ -38,6 +47,36 @@ CASES = [
 ]
 
 
+def class_labels(pipe, text):
+    """The prompt's class labels [1, D], as ensueno computes them."""
+    tok = pipe.tokenizer(
+        [text],
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        hidden = pipe.text_encoder(tok.input_ids, attention_mask=tok.attention_mask)[0]
+    mask = tok.attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1) * hidden.shape[-1] ** 0.5
+
+
+def feed_class_labels(pipe, prompt, negative, guidance):
+    """Makes the pipeline's UNet calls carry the prompt's class labels."""
+    labels = class_labels(pipe, prompt)
+    if guidance > 1.0:
+        labels = torch.cat([class_labels(pipe, negative), labels])
+    forward = type(pipe.unet).forward.__get__(pipe.unet)
+
+    def with_labels(sample, timestep, encoder_hidden_states, *args, **kwargs):
+        kwargs["class_labels"] = labels
+        return forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+    pipe.unet.forward = with_labels
+
+
 def main():
     pipe = StableDiffusionPipeline.from_pretrained(
         MODEL, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32
@@ -59,6 +98,8 @@ def main():
         g = torch.Generator().manual_seed(100 + i)
         latents = torch.randn((1, 4, size // 8, size // 8), generator=g)
         np.save(os.path.join(OUT, f"{name}.latents.npy"), latents.numpy())
+        if pipe.unet.config.class_embed_type == "projection":
+            feed_class_labels(pipe, prompt, negative, guidance)
         out = pipe(
             prompt,
             negative_prompt=negative,

@@ -36,21 +36,23 @@ def reinit(model, seed):
                 p.copy_(noise / math.sqrt(fan_in))
 
 
+# SD 1.x-like: conv proj_in/proj_out, one int attention_head_dim (the heads quirk).
+SD1 = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    attention_head_dim=8,
+    cross_attention_dim=32,
+    norm_num_groups=8,
+    use_linear_projection=False,
+)
+
 CONFIGS = {
-    # SD 1.x-like: conv proj_in/proj_out, one int attention_head_dim (the heads quirk).
-    "sd1": dict(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        attention_head_dim=8,
-        cross_attention_dim=32,
-        norm_num_groups=8,
-        use_linear_projection=False,
-    ),
+    "sd1": SD1,
     # SD 2.x-like: per-block attention_head_dim, linear projections, three
     # blocks, and non-default settings everywhere they are cheap to exercise.
     "sd2": dict(
@@ -76,6 +78,15 @@ CONFIGS = {
         resnet_time_scale_shift="scale_shift",
         downsample_padding=1,
     ),
+    # Stable unCLIP's class embedding: a vector per sample, projected and
+    # added to the time embedding. act_fn gelu: diffusers builds the
+    # projection with SiLU regardless, which the golden pins down.
+    "sd1_class": dict(
+        SD1,
+        act_fn="gelu",
+        class_embed_type="projection",
+        projection_class_embeddings_input_dim=12,
+    ),
 }
 
 # case -> (config, batch, channels, height, width, timesteps, tokens)
@@ -85,6 +96,7 @@ CASES = {
     "sd2": ("sd2", 2, 4, 8, 8, [3.0, 751.5], 6),
     # 6x10 is not a multiple of 2**num_upsamplers = 4: upsample sizes are forwarded.
     "sd2_odd": ("sd2", 1, 4, 6, 10, [321.0], 4),
+    "sd1_class_b2": ("sd1_class", 2, 4, 8, 8, [42.0, 900.0], 5),
 }
 
 
@@ -102,16 +114,22 @@ def main():
         cross = CONFIGS[cfg_name]["cross_attention_dim"]
         enc = torch.randn((b, tokens, cross), generator=g)
         timesteps = torch.tensor(ts, dtype=torch.float32)
+        tensors = {
+            "sample": sample.contiguous(),
+            "timesteps": timesteps,
+            "encoder_hidden_states": enc.contiguous(),
+        }
+        dim = CONFIGS[cfg_name].get("projection_class_embeddings_input_dim")
+        if dim is not None:
+            tensors["class_labels"] = torch.randn((b, dim), generator=g)
         with torch.no_grad():
-            out = model(sample, timesteps, encoder_hidden_states=enc).sample
+            out = model(
+                sample, timesteps, encoder_hidden_states=enc, class_labels=tensors.get("class_labels")
+            ).sample
+        tensors["output"] = out.contiguous()
         path = os.path.join(ROOT, f"case_{case}.safetensors")
         save_file(
-            {
-                "sample": sample.contiguous(),
-                "timesteps": timesteps,
-                "encoder_hidden_states": enc.contiguous(),
-                "output": out.contiguous(),
-            },
+            tensors,
             path,
             metadata={"model": cfg_name},
         )

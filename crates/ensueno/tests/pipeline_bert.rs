@@ -10,7 +10,9 @@
 //! batch 2, DPM-Solver++(2M) / DDIM / Euler, and both of diffusers'
 //! `encode_prompt` paths: with the attention mask (`use_attention_mask: true`
 //! in text_encoder/config.json, as shipped) and without (a temporary copy of
-//! the folder with the flag false; the reference used the same copy).
+//! the folder with the flag false; the reference used the same copy), and a
+//! UNet with a class embedding fed the prompt's sentence embedding (a copy
+//! with `tiny-bert-taesd-sentence-unet/unet` in place of `unet/`).
 //!
 //! Tolerance, as tests/pipeline.rs: on 8-bit pixels, max |ours - diffusers|
 //! <= 3 and mean <= 0.5; our 8-bit output against diffusers' float image in
@@ -29,6 +31,7 @@ use ensueno::pipelines::{GenerationInputs, GenerationRequest, Limits, StableDiff
 use serde::Deserialize;
 
 const MODEL: &str = "tiny-bert-taesd";
+const SENTENCE_MODEL: &str = "tiny-bert-taesd-sentence";
 const COMPONENTS: &[&str] = &["text_encoder", "tokenizer", "unet", "vae", "scheduler"];
 
 #[derive(Deserialize)]
@@ -106,6 +109,9 @@ fn load_err(dir: &Path) -> String {
 /// folder as shipped has it true). The TempDir must outlive the pipeline's
 /// memory-mapped weights.
 fn load(case: &Case) -> (StableDiffusionPipeline, Option<tempfile::TempDir>) {
+    if case.model == SENTENCE_MODEL {
+        return load_sentence_model();
+    }
     assert_eq!(case.model, MODEL);
     if case.use_attention_mask {
         (load_from(&fixtures().join(MODEL)).unwrap(), None)
@@ -115,6 +121,19 @@ fn load(case: &Case) -> (StableDiffusionPipeline, Option<tempfile::TempDir>) {
         });
         (load_from(tmp.path()).unwrap(), Some(tmp))
     }
+}
+
+/// The fixture model with the UNet that has a class embedding (fed the
+/// prompt's sentence embedding), as the reference built it.
+fn load_sentence_model() -> (StableDiffusionPipeline, Option<tempfile::TempDir>) {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&fixtures().join(MODEL), tmp.path());
+    std::fs::remove_dir_all(tmp.path().join("unet")).unwrap();
+    copy_dir(
+        &fixtures().join("tiny-bert-taesd-sentence-unet/unet"),
+        &tmp.path().join("unet"),
+    );
+    (load_from(tmp.path()).unwrap(), Some(tmp))
 }
 
 fn request(case: &Case, size: Option<(usize, usize)>) -> GenerationRequest {
@@ -252,6 +271,7 @@ fn txt2img_matches_diffusers() {
     assert!(index.cases.len() >= 8);
     assert!(index.cases.iter().any(|c| !c.use_attention_mask));
     assert!(index.cases.iter().any(|c| c.default_size));
+    assert!(index.cases.iter().any(|c| c.model == SENTENCE_MODEL));
     let mut report = Vec::new();
     for case in &index.cases {
         let (pipeline, _tmp) = load(case);

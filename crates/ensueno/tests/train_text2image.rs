@@ -77,19 +77,76 @@ fn emoji6() -> ensueno::data::ImageDataset {
     data::open(&fixtures().join("data/emoji6.tar"), &options).unwrap()
 }
 
-fn run(output: &Path, epochs: usize, resume: bool) -> Vec<Vec<f64>> {
-    let config = tiny_config();
-    let data = emoji6();
-    let mut task = Text2ImageTask::new(
+/// max |t| in f32.
+fn max_abs(t: &candle_core::Tensor) -> f32 {
+    let t = t.to_dtype(DType::F32).unwrap();
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// The model `run` exports after one epoch into `dir/run`.
+fn trained_one_epoch(dir: &Path) -> PathBuf {
+    let out = dir.join("run");
+    run(&out, 1, false);
+    out.join("model")
+}
+
+/// Loads an exported pipeline folder and generates one image (seed 1).
+fn generate(
+    model: &Path,
+    prompt: &str,
+    steps: usize,
+) -> (StableDiffusionPipeline, Vec<image::RgbImage>) {
+    let folder = ModelFolder::open(
+        model,
+        &["text_encoder", "tokenizer", "unet", "vae", "scheduler"],
+    )
+    .unwrap();
+    let pipe = StableDiffusionPipeline::load(&folder, &Device::Cpu, DType::F32).unwrap();
+    let mut request = GenerationRequest::new(prompt.to_string());
+    request.steps = steps;
+    request.seed = Some(1);
+    let out = pipe
+        .generate(
+            &request,
+            Default::default(),
+            &Limits::default(),
+            &mut |_| true,
+        )
+        .unwrap();
+    (pipe, out.images)
+}
+
+/// A task on the tiny parts, its UNet initialised with `seed`.
+fn new_task(
+    config: Text2ImageConfig,
+    data: &ensueno::data::ImageDataset,
+    seed: u64,
+) -> Text2ImageTask {
+    Text2ImageTask::new(
         config,
         frozen(),
-        &data,
+        data,
         1e-3,
-        0,
+        seed,
         &Device::Cpu,
         &mut |_, _, _| {},
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// Trains `task` for `epochs` into `output`; the per-epoch losses.
+fn train_task(
+    task: &mut Text2ImageTask,
+    data: &ensueno::data::ImageDataset,
+    output: &Path,
+    epochs: usize,
+    resume: bool,
+) -> Vec<Vec<f64>> {
     let options = TrainOptions {
         epochs,
         batch_size: 4,
@@ -98,9 +155,15 @@ fn run(output: &Path, epochs: usize, resume: bool) -> Vec<Vec<f64>> {
         resume,
         ..TrainOptions::new(output)
     };
-    train(&mut task, &data, &options, &Device::Cpu, &mut |_| {})
+    train(task, data, &options, &Device::Cpu, &mut |_| {})
         .unwrap()
         .epoch_losses
+}
+
+fn run(output: &Path, epochs: usize, resume: bool) -> Vec<Vec<f64>> {
+    let data = emoji6();
+    let mut task = new_task(tiny_config(), &data, 0);
+    train_task(&mut task, &data, output, epochs, resume)
 }
 
 #[test]
@@ -131,25 +194,10 @@ fn trains_exports_a_pipeline_and_resumes_exactly() {
     // the training size from a styled prompt.
     let prompting = PromptingConfig::load(&model).unwrap().unwrap();
     assert_eq!(prompting.styles, vec!["emoji6".to_string()]);
-    let folder = ModelFolder::open(
-        &model,
-        &["text_encoder", "tokenizer", "unet", "vae", "scheduler"],
-    )
-    .unwrap();
-    let pipe = StableDiffusionPipeline::load(&folder, &Device::Cpu, DType::F32).unwrap();
+    let prompt = prompting.apply_style("elephant", "emoji6").unwrap();
+    let (pipe, images) = generate(&model, &prompt, 3);
     assert_eq!(pipe.default_size(), (16, 16));
-    let mut request = GenerationRequest::new(prompting.apply_style("elephant", "emoji6").unwrap());
-    request.steps = 3;
-    request.seed = Some(1);
-    let out = pipe
-        .generate(
-            &request,
-            Default::default(),
-            &Limits::default(),
-            &mut |_| true,
-        )
-        .unwrap();
-    assert_eq!(out.images[0].dimensions(), (16, 16));
+    assert_eq!(images[0].dimensions(), (16, 16));
 
     // One epoch, then resume to two: the same losses, bit for bit.
     let resumed = dir.path().join("resumed");
@@ -161,7 +209,7 @@ fn trains_exports_a_pipeline_and_resumes_exactly() {
 #[test]
 fn bad_inputs_are_refused_clearly() {
     single_thread();
-    let new_task = |config: Text2ImageConfig, frozen: FrozenParts, data: &data::ImageDataset| {
+    let refusal = |config: Text2ImageConfig, frozen: FrozenParts, data: &data::ImageDataset| {
         Text2ImageTask::new(
             config,
             frozen,
@@ -188,13 +236,13 @@ fn bad_inputs_are_refused_clearly() {
 
     let mut config = tiny_config();
     config.unet.cross_attention_dim = ensueno::models::unet_2d_condition::OneOrMany::One(64);
-    let e = new_task(config, frozen(), &data);
+    let e = refusal(config, frozen(), &data);
     assert!(
         e.contains("cross_attention_dim is 64") && e.contains("32"),
         "{e}"
     );
 
-    let e = new_task(
+    let e = refusal(
         tiny_config(),
         FrozenParts {
             taesd: fixtures().join("data"),
@@ -206,7 +254,7 @@ fn bad_inputs_are_refused_clearly() {
 
     let mut config = tiny_config();
     config.recipe.style_template = "{caption}".into();
-    let e = new_task(config, frozen(), &data);
+    let e = refusal(config, frozen(), &data);
     assert!(e.contains("style_template"), "{e}");
 
     let dir = tempfile::tempdir().unwrap();
@@ -253,9 +301,7 @@ fn frozen_parts_from_a_pipeline_folder() {
 fn init_unet_starts_from_an_exported_unet_and_refuses_a_mismatched_one() {
     single_thread();
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("run");
-    run(&out, 1, false);
-    let model = out.join("model");
+    let model = trained_one_epoch(dir.path());
     let unet_of = |folder: &Path| {
         candle_core::safetensors::load(
             folder.join("unet/diffusion_pytorch_model.safetensors"),
@@ -273,32 +319,13 @@ fn init_unet_starts_from_an_exported_unet_and_refuses_a_mismatched_one() {
     let exported = unet_of(&model);
 
     let data = emoji6();
-    let new_task = |config: Text2ImageConfig, seed: u64| {
-        Text2ImageTask::new(
-            config,
-            frozen(),
-            &data,
-            1e-3,
-            seed,
-            &Device::Cpu,
-            &mut |_, _, _| {},
-        )
-        .unwrap()
-    };
     // A differently seeded task starts elsewhere, then from the export (the
     // pipeline folder or its unet/), and its EMA (what it exports) with it.
-    let mut task = new_task(tiny_config(), 7);
+    let mut task = new_task(tiny_config(), &data, 7);
     let before = export(&task, "fresh");
     let key = "down_blocks.0.resnets.0.conv1.weight";
     let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
-        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        max_abs(&(a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap())
     };
     assert!(diff(&before[key], &exported[key]) > 1e-3);
     for source in [model.clone(), model.join("unet")] {
@@ -313,7 +340,7 @@ fn init_unet_starts_from_an_exported_unet_and_refuses_a_mismatched_one() {
     // Another architecture: a clear error naming the tensor, nothing panics.
     let mut config = tiny_config();
     config.unet.block_out_channels = vec![8, 16];
-    let mut other = new_task(config, 0);
+    let mut other = new_task(config, &data, 0);
     let e = other.init_unet_from(&model).unwrap_err().to_string();
     assert!(e.contains("shape") || e.contains("expected"), "{e}");
     let e = other
@@ -321,4 +348,82 @@ fn init_unet_starts_from_an_exported_unet_and_refuses_a_mismatched_one() {
         .unwrap_err()
         .to_string();
     assert!(!e.is_empty());
+}
+
+/// `tiny_config` with a class embedding fed the sentence embedding.
+fn sentence_config() -> Text2ImageConfig {
+    let mut config = tiny_config();
+    config.unet.class_embed_type = Some("projection".into());
+    config.unet.projection_class_embeddings_input_dim = Some(32);
+    config.recipe.token_dropout = 0.5;
+    config
+}
+
+#[test]
+fn sentence_embedding_conditioning_starts_as_the_loaded_model_trains_and_generates() {
+    single_thread();
+    let dir = tempfile::tempdir().unwrap();
+    let plain = trained_one_epoch(dir.path());
+    let data = emoji6();
+    let mut task = new_task(sentence_config(), &data, 3);
+    // The loaded UNet lacks class_embedding.*: it is added as a no-op, so
+    // the new model predicts what the loaded one does, whatever the labels.
+    task.init_unet_from(&plain).unwrap();
+    let start = dir.path().join("start");
+    std::fs::create_dir_all(&start).unwrap();
+    task.save_model(&start).unwrap();
+    let load = |folder: &Path| {
+        let folder =
+            ModelFolder::open(folder, &["text_encoder", "tokenizer", "unet", "vae"]).unwrap();
+        let config = ensueno::models::unet_2d_condition::UNet2DConditionConfig::from_file(
+            folder.config_path("unet").unwrap(),
+        )
+        .unwrap();
+        let vb = folder
+            .var_builder("unet", DType::F32, &Device::Cpu)
+            .unwrap();
+        ensueno::models::unet_2d_condition::UNet2DConditionModel::new(vb, &config).unwrap()
+    };
+    let (old, new) = (load(&plain), load(&start));
+    assert_eq!(new.class_labels_dim(), Some(32));
+    let x = candle_core::Tensor::randn(0f32, 1., (2, 4, 2, 2), &Device::Cpu).unwrap();
+    let t = candle_core::Tensor::new(&[10f32, 600.], &Device::Cpu).unwrap();
+    let enc = candle_core::Tensor::randn(0f32, 1., (2, 16, 32), &Device::Cpu).unwrap();
+    let labels = candle_core::Tensor::randn(0f32, 1., (2, 32), &Device::Cpu).unwrap();
+    let a = old.forward(&x, &t, &enc).unwrap();
+    let b = new
+        .forward_with_class_labels(&x, &t, &enc, Some(&labels))
+        .unwrap();
+    assert!(max_abs(&(a - b).unwrap()) < 1e-6);
+
+    // Training moves the class embedding, and the exported pipeline feeds it
+    // the prompt's sentence embedding.
+    let out = dir.path().join("sentence");
+    let losses = train_task(&mut task, &data, &out, 1, false);
+    assert!(losses[0][0].is_finite());
+    let weights = candle_core::safetensors::load(
+        out.join("model/unet/diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let l2 = max_abs(&weights["class_embedding.linear_2.weight"]);
+    assert!(l2 > 0.0, "the class embedding did not train");
+    let (_, images) = generate(&out.join("model"), "a pachyderm", 2);
+    assert_eq!(images.len(), 1);
+}
+
+#[test]
+fn sentence_embedding_settings_are_checked() {
+    let mut config = tiny_config();
+    config.recipe.token_dropout = 0.2;
+    let e = config.validate().unwrap_err().to_string();
+    assert!(e.contains("token_dropout"), "{e}");
+    let mut config = sentence_config();
+    config.unet.projection_class_embeddings_input_dim = Some(16);
+    let e = config.validate().unwrap_err().to_string();
+    assert!(e.contains("projection_class_embeddings_input_dim"), "{e}");
+    let mut config = sentence_config();
+    config.recipe.token_dropout = 1.0;
+    assert!(config.validate().is_err());
+    assert!(sentence_config().validate().is_ok());
 }

@@ -42,10 +42,11 @@ fn run_case(model_name: &str, case: &str) {
     )
     .unwrap();
     let out = model
-        .forward(
+        .forward_with_class_labels(
             &io["sample"],
             &io["timesteps"],
             &io["encoder_hidden_states"],
+            io.get("class_labels"),
         )
         .unwrap();
     let err = rel_err(&out, &io["output"]);
@@ -74,6 +75,57 @@ fn sd2_like_matches_diffusers() {
 #[test]
 fn sizes_not_multiple_of_upsampling_match_diffusers() {
     run_case("sd2", "sd2_odd");
+}
+
+#[test]
+fn projection_class_embedding_matches_diffusers() {
+    run_case("sd1_class", "sd1_class_b2");
+}
+
+#[test]
+fn class_labels_missing_misshapen_or_unwanted_are_errors() {
+    let (_, model) = load_model("sd1_class");
+    assert_eq!(model.class_labels_dim(), Some(12));
+    let io = candle_core::safetensors::load(
+        fixtures().join("case_sd1_class_b2.safetensors"),
+        &common::device(),
+    )
+    .unwrap();
+    let (x, t, enc) = (
+        &io["sample"],
+        &io["timesteps"],
+        &io["encoder_hidden_states"],
+    );
+    let err = model.forward(x, t, enc).unwrap_err().to_string();
+    assert!(err.contains("class_labels"), "{err}");
+    let wide = Tensor::zeros((2, 13), DType::F32, &common::device()).unwrap();
+    assert!(matches!(
+        model.forward_with_class_labels(x, t, enc, Some(&wide)),
+        Err(Error::Shape { .. })
+    ));
+    let (_, plain) = load_model("sd1");
+    assert_eq!(plain.class_labels_dim(), None);
+    let labels = &io["class_labels"];
+    assert!(plain
+        .forward_with_class_labels(x, t, enc, Some(labels))
+        .is_err());
+}
+
+#[test]
+fn class_embeddings_other_than_projection_are_refused() {
+    let mut config = sd1_config();
+    config.class_embed_type = Some("timestep".into());
+    let vb = VarBuilder::zeros(DType::F32, &common::device());
+    let err = UNet2DConditionModel::new(vb, &config).unwrap_err();
+    assert!(err.to_string().contains("class_embed_type"), "{err}");
+    config.class_embed_type = Some("projection".into());
+    let vb = VarBuilder::zeros(DType::F32, &common::device());
+    let err = UNet2DConditionModel::new(vb, &config).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("projection_class_embeddings_input_dim"),
+        "{err}"
+    );
 }
 
 #[test]

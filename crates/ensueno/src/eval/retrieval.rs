@@ -105,8 +105,9 @@ pub fn rank_of(query: &[f32], gallery: &[Vec<f32>], target: usize) -> usize {
 /// Paraphrases of an emoji from its `KEY.json` `short_names` (the Slack /
 /// GitHub names, e.g. "poop" for "pile of poo"), which are not in the
 /// training captions: those that differ from the caption once `_`/`-` are
-/// spaces, without country-code flag names ("flag-lc" names nothing in
-/// words). The skin tone, when there is one, is kept as the caption has it.
+/// spaces, without codes that name nothing in words: country-code flag
+/// names ("flag-lc") and code points ("u7121", the Japanese "free of
+/// charge" button). The skin tone, when there is one, is kept as the caption has it.
 pub fn short_name_paraphrases(caption: &str, metadata: &serde_json::Value) -> Vec<String> {
     let names = metadata
         .get("short_names")
@@ -127,7 +128,11 @@ pub fn short_name_paraphrases(caption: &str, metadata: &serde_json::Value) -> Ve
     let norm = |s: &str| s.replace(['_', '-'], " ").trim().to_lowercase();
     let mut out = Vec::new();
     for n in names.iter().filter_map(|v| v.as_str()) {
-        let is_code = n.starts_with("flag-") && n.len() <= 8;
+        let is_code_point = n.len() >= 5
+            && n.len() <= 6
+            && n.starts_with('u')
+            && n[1..].chars().all(|c| c.is_ascii_hexdigit());
+        let is_code = (n.starts_with("flag-") && n.len() <= 8) || is_code_point;
         let text = norm(n);
         if is_code || text.is_empty() || text == norm(&base) || text.chars().count() < 3 {
             continue;
@@ -308,6 +313,13 @@ mod tests {
         );
         let meta = serde_json::json!({"short_names": ["flag-lc"]});
         assert!(short_name_paraphrases("st. lucia flag", &meta).is_empty());
+        let meta = serde_json::json!({"short_names": ["u7121"]});
+        assert!(short_name_paraphrases("japanese free of charge button", &meta).is_empty());
+        let meta = serde_json::json!({"short_names": ["umbrella"]});
+        assert_eq!(
+            short_name_paraphrases("closed umbrella", &meta),
+            vec!["umbrella"]
+        );
         let meta = serde_json::json!({"short_names": ["red_apple"]});
         assert!(short_name_paraphrases("red apple", &meta).is_empty());
     }

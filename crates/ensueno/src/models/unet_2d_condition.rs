@@ -8,8 +8,10 @@
 //! `diffusers.models.unets.unet_2d_condition.UNet2DConditionModel`.
 //! Supported: positional time embeddings, the `CrossAttnDownBlock2D`,
 //! `DownBlock2D`, `UNetMidBlock2DCrossAttn`, `CrossAttnUpBlock2D` and
-//! `UpBlock2D` blocks (SD 1.x and 2.x). Class / added embeddings (SDXL),
-//! encoder projections and other block types are refused at construction.
+//! `UpBlock2D` blocks (SD 1.x and 2.x), and the `"projection"` class
+//! embedding of Stable unCLIP (a vector per sample added to the time
+//! embedding). Other class embeddings, added embeddings (SDXL), encoder
+//! projections and other block types are refused at construction.
 
 use std::path::{Path, PathBuf};
 
@@ -265,8 +267,16 @@ impl UNet2DConditionConfig {
         if let Some(v) = &self.addition_embed_type {
             return unsupported("addition_embed_type", format!("{v:?}"));
         }
-        if let Some(v) = &self.class_embed_type {
-            return unsupported("class_embed_type", format!("{v:?}"));
+        match (
+            self.class_embed_type.as_deref(),
+            self.projection_class_embeddings_input_dim,
+        ) {
+            (None, _) => {}
+            (Some("projection"), Some(d)) if d > 0 => {}
+            (Some("projection"), _) => return Err(config_error(
+                "`class_embed_type` \"projection\" needs `projection_class_embeddings_input_dim`",
+            )),
+            (Some(v), _) => return unsupported("class_embed_type", format!("{v:?}")),
         }
         if let Some(v) = self.num_class_embeds {
             return unsupported("num_class_embeds", v.to_string());
@@ -362,6 +372,10 @@ pub struct UNet2DConditionModel {
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
     time_embed_act: Option<Activation>,
+    /// `class_embed_type: "projection"`: a vector per sample (Stable
+    /// unCLIP's image embedding; ensueno's own model's sentence embedding)
+    /// projected and added to the time embedding.
+    class_embedding: Option<TimestepEmbedding>,
     down_blocks: Vec<DownBlock>,
     mid_block: Option<UNetMidBlock2DCrossAttn>,
     up_blocks: Vec<UpBlock>,
@@ -419,6 +433,16 @@ impl UNet2DConditionModel {
             .as_deref()
             .map(Activation::from_name)
             .transpose()?;
+        // diffusers builds this projection with its default SiLU, whatever `act_fn` says.
+        let class_embedding = match config.projection_class_embeddings_input_dim {
+            Some(d) if config.class_embed_type.is_some() => Some(TimestepEmbedding::new(
+                vb.pp("class_embedding"),
+                d,
+                time_embed_dim,
+                Activation::Silu,
+            )?),
+            _ => None,
+        };
 
         let resnet = |output_scale_factor: f64| ResnetSettings {
             temb_channels: Some(time_embed_dim),
@@ -575,6 +599,7 @@ impl UNet2DConditionModel {
             time_proj,
             time_embedding,
             time_embed_act,
+            class_embedding,
             down_blocks,
             mid_block,
             up_blocks,
@@ -605,11 +630,38 @@ impl UNet2DConditionModel {
     ///   values allowed); the embedding is computed in f32
     /// - `encoder_hidden_states`: `[B, T, cross_attention_dim]`
     /// - returns `[B, out_channels, H, W]` in the dtype of `sample`
+    ///
+    /// A UNet with a class embedding refuses this: use
+    /// [`Self::forward_with_class_labels`].
     pub fn forward(
         &self,
         sample: &Tensor,
         timesteps: &Tensor,
         encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor> {
+        self.forward_with_class_labels(sample, timesteps, encoder_hidden_states, None)
+    }
+
+    /// The width of the class labels this UNet needs (`class_embed_type:
+    /// "projection"`), or `None` when it takes none.
+    pub fn class_labels_dim(&self) -> Option<usize> {
+        self.class_embedding
+            .as_ref()
+            .and(self.config.projection_class_embeddings_input_dim)
+    }
+
+    /// [`Self::forward`] with diffusers' `class_labels`, which a UNet with
+    /// `class_embed_type: "projection"` needs and any other refuses.
+    ///
+    /// # Shapes
+    /// As [`Self::forward`], and
+    /// - `class_labels`: `[B, projection_class_embeddings_input_dim]`
+    pub fn forward_with_class_labels(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        class_labels: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, c, h, w) = sample.dims4().map_err(|_| Error::Shape {
             what: "UNet sample".to_string(),
@@ -664,6 +716,31 @@ impl UNet2DConditionModel {
             .forward(&timesteps)?
             .to_dtype(sample.dtype())?;
         let mut emb = self.time_embedding.forward(&t_emb)?;
+        match (&self.class_embedding, class_labels) {
+            (None, None) => {}
+            (Some(proj), Some(labels)) => {
+                let d = self.class_labels_dim().unwrap_or(0);
+                if labels.dims() != [b, d] {
+                    return Err(Error::Shape {
+                        what: "class_labels".to_string(),
+                        expected: format!("[{b}, {d}]"),
+                        got: format!("{:?}", labels.dims()),
+                    });
+                }
+                let class_emb = proj.forward(&labels.to_dtype(emb.dtype())?)?;
+                emb = (emb + class_emb)?;
+            }
+            (Some(_), None) => {
+                return Err(Error::invalid(
+                    "this UNet has a class embedding (class_embed_type \"projection\"): it needs class_labels",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Error::invalid(
+                    "class_labels given to a UNet without a class embedding",
+                ))
+            }
+        }
         if let Some(act) = &self.time_embed_act {
             emb = emb.apply(act)?;
         }

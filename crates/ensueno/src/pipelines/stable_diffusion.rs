@@ -19,7 +19,7 @@ use crate::models::autoencoder_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::pipelines::latent_preview::LatentPreviewer;
 use crate::pipelines::request::{GenerationRequest, Limits};
-use crate::pipelines::text_encoder::{TextEncoder, CLIP_MAX_TOKENS};
+use crate::pipelines::text_encoder::{sentence_class_labels, TextEncoder, CLIP_MAX_TOKENS};
 use crate::schedulers::{build_scheduler, Scheduler, SchedulerConfig};
 use crate::utils::NoiseGenerator;
 use crate::{Error, Result};
@@ -104,6 +104,14 @@ pub struct GenerationInputs {
     pub posterior_noise: Option<Tensor>,
 }
 
+/// What the UNet is conditioned on, in the batch order of its input.
+struct Conditioning {
+    /// Text encoder hidden states `[B, T, D]`.
+    hidden: Tensor,
+    /// Class labels `[B, D']`, for a UNet with a class embedding.
+    class_labels: Option<Tensor>,
+}
+
 /// What the per-step callback sees.
 pub struct StepProgress<'a> {
     /// 1-based index of the step just taken.
@@ -137,6 +145,19 @@ impl StableDiffusionPipeline {
         let unet_config = UNet2DConditionConfig::from_file(folder.config_path("unet")?)?;
         let vb = folder.var_builder("unet", dtype, device)?;
         let unet = in_component(&unet_dir, UNet2DConditionModel::new(vb, &unet_config))?;
+        if let Some(d) = unet.class_labels_dim() {
+            let bert = matches!(text_encoder, TextEncoder::Bert { .. });
+            if !bert || text_encoder.hidden_size() != d {
+                return Err(Error::Model {
+                    path: unet_dir,
+                    message: format!(
+                        "this UNet takes class labels of width {d} (class_embed_type \"projection\"); \
+                         ensueno fills them with the prompt's (scaled) sentence embedding, which needs a BERT \
+                         text encoder of hidden size {d}"
+                    ),
+                });
+            }
+        }
 
         let vae = Vae::load(folder, device, dtype)?;
         let scheduler_config = SchedulerConfig::from_file(&folder.config_path("scheduler")?)?;
@@ -186,6 +207,18 @@ impl StableDiffusionPipeline {
     /// Encodes one prompt to the text encoder's hidden states `[1, T, D]`;
     /// the flag says whether the prompt was cut to fit the encoder's window.
     pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<(Tensor, bool)> {
+        let (hidden, _, cut) = self.encode_conditioning(prompt, clip_skip)?;
+        Ok((hidden, cut))
+    }
+
+    /// [`Self::encode_prompt`], and the UNet's class labels `[1, D]` when it
+    /// takes them: the prompt's sentence embedding, scaled by
+    /// [`sentence_class_labels`].
+    fn encode_conditioning(
+        &self,
+        prompt: &str,
+        clip_skip: usize,
+    ) -> Result<(Tensor, Option<Tensor>, bool)> {
         let guard = self.text_encoder.lock().map_err(|_| {
             Error::invalid("the text encoder is unusable after a failed generation")
         })?;
@@ -194,8 +227,19 @@ impl StableDiffusionPipeline {
                 "the text encoder was released after use; load the model again to generate more",
             )
         })?;
-        let (hidden, cut) = encoder.encode(&[prompt], clip_skip)?;
-        Ok((hidden, cut.first().copied().unwrap_or(false)))
+        let (hidden, sentence, cut) = if self.unet.class_labels_dim().is_some() {
+            if clip_skip != 0 {
+                return Err(Error::invalid(
+                    "clip_skip only applies to CLIP text encoders; this model uses BERT",
+                ));
+            }
+            let (hidden, sentence, cut) = encoder.encode_with_sentence_embedding(&[prompt])?;
+            (hidden, Some(sentence_class_labels(&sentence)?), cut)
+        } else {
+            let (hidden, cut) = encoder.encode(&[prompt], clip_skip)?;
+            (hidden, None, cut)
+        };
+        Ok((hidden, sentence, cut.first().copied().unwrap_or(false)))
     }
 
     /// Tokens per prompt of the text encoder (77 for CLIP).
@@ -251,7 +295,8 @@ impl StableDiffusionPipeline {
         // diffusers concatenates them in.
         let guidance = request.guidance_scale > 1.0;
         let window = self.max_prompt_tokens();
-        let (positive, truncated) = self.encode_prompt(&request.prompt, request.clip_skip)?;
+        let (positive, positive_labels, truncated) =
+            self.encode_conditioning(&request.prompt, request.clip_skip)?;
         if truncated {
             warnings.push(format!(
                 "the prompt is longer than the text encoder's {} tokens; the end was cut off",
@@ -259,18 +304,31 @@ impl StableDiffusionPipeline {
             ));
         }
         let positive = positive.repeat((batch, 1, 1))?;
-        let context = if guidance {
+        let positive_labels = positive_labels.map(|l| l.repeat((batch, 1))).transpose()?;
+        let (context, class_labels) = if guidance {
             // diffusers applies clip_skip to the prompt only, never to the
             // negative prompt; do the same so images match it.
-            let (negative, truncated) = self.encode_prompt(&request.negative_prompt, 0)?;
+            let (negative, negative_labels, truncated) =
+                self.encode_conditioning(&request.negative_prompt, 0)?;
             if truncated {
                 warnings.push(
                     "the negative prompt is longer than the text encoder's window; the end was cut off".into(),
                 );
             }
-            Tensor::cat(&[negative.repeat((batch, 1, 1))?, positive], 0)?
+            let labels = match (negative_labels, positive_labels) {
+                (Some(n), Some(p)) => Some(Tensor::cat(&[n.repeat((batch, 1))?, p], 0)?),
+                _ => None,
+            };
+            (
+                Tensor::cat(&[negative.repeat((batch, 1, 1))?, positive], 0)?,
+                labels,
+            )
         } else {
-            positive
+            (positive, positive_labels)
+        };
+        let context = Conditioning {
+            hidden: context,
+            class_labels,
         };
 
         if self.release_text_encoder {
@@ -348,7 +406,7 @@ impl StableDiffusionPipeline {
         &self,
         scheduler: &mut dyn Scheduler,
         latents: &Tensor,
-        context: &Tensor,
+        context: &Conditioning,
         t: f64,
         guidance_scale: f64,
         guidance: bool,
@@ -364,7 +422,12 @@ impl StableDiffusionPipeline {
         };
         let model_in = scheduler.scale_model_input(model_in, t)?;
         let t_batch = Tensor::full(t as f32, model_in.dim(0)?, &self.device)?;
-        let noise_pred = self.unet.forward(&model_in, &t_batch, context)?;
+        let noise_pred = self.unet.forward_with_class_labels(
+            &model_in,
+            &t_batch,
+            &context.hidden,
+            context.class_labels.as_ref(),
+        )?;
         let noise_pred = if guidance {
             let b = latents.dim(0)?;
             let uncond = noise_pred.narrow(0, 0, b)?;

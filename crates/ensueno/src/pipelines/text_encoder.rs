@@ -11,7 +11,9 @@
 //!
 //! Both follow diffusers' `StableDiffusionPipeline.encode_prompt`: tokenize
 //! with `padding="max_length", truncation=True`, run the encoder, take its
-//! first output.
+//! first output. A BERT encoder also gives the prompt's sentence embedding
+//! (Reimers and Gurevych, arXiv:1908.10084), which a UNet with a class
+//! embedding is fed.
 
 use std::path::Path;
 
@@ -23,6 +25,7 @@ use crate::io::model_folder::{in_component, var_builder_from_files, ModelFolder}
 use crate::models::bert::{BertConfig, BertModel};
 use crate::models::clip_text_model::{CLIPTextConfig, CLIPTextModel};
 use crate::models::clip_tokenizer::CLIPTokenizer;
+use crate::models::sentence_encoder::{l2_normalize, pool, Pooling};
 use crate::{Error, Result};
 
 /// CLIP's context window: prompts are padded or truncated to it.
@@ -196,43 +199,86 @@ impl TextEncoder {
                 let ids = Tensor::from_vec(ids, (prompts.len(), CLIP_MAX_TOKENS), device)?;
                 Ok((model.forward_with_clip_skip(&ids, clip_skip)?, cut))
             }
-            Self::Bert {
-                tokenizer,
-                model,
-                max_length,
-                use_attention_mask,
-            } => {
+            Self::Bert { .. } => {
                 if clip_skip != 0 {
                     return Err(Error::invalid(
                         "clip_skip only applies to CLIP text encoders; this model uses BERT",
                     ));
                 }
-                let encodings = tokenizer
-                    .encode_batch(prompts.to_vec(), true)
-                    .map_err(|e| Error::Tokenizer(e.to_string()))?;
-                let mut ids = Vec::with_capacity(prompts.len() * max_length);
-                let mut mask = Vec::with_capacity(prompts.len() * max_length);
-                let mut cut = Vec::with_capacity(prompts.len());
-                for e in &encodings {
-                    if e.len() != *max_length {
-                        return Err(Error::Tokenizer(format!(
-                            "padding gave {} tokens instead of {max_length}",
-                            e.len()
-                        )));
-                    }
-                    ids.extend_from_slice(e.get_ids());
-                    mask.extend_from_slice(e.get_attention_mask());
-                    cut.push(!e.get_overflowing().is_empty());
-                }
-                let device = model.device();
-                let shape = (prompts.len(), *max_length);
-                let ids = Tensor::from_vec(ids, shape, device)?;
-                let mask = Tensor::from_vec(mask, shape, device)?;
-                let mask = use_attention_mask.then_some(&mask);
-                Ok((model.forward(&ids, None, mask)?, cut))
+                let (hidden, _, cut) = self.encode_bert(prompts)?;
+                Ok((hidden, cut))
             }
         }
     }
+
+    /// Encodes prompts to hidden states `[B, max_length, D]` and sentence
+    /// embeddings `[B, D]`: the token states averaged over the real tokens
+    /// and scaled to unit length, as sentence-transformers' Pooling(mean) +
+    /// Normalize make all-MiniLM-L6-v2's sentence vectors. Paraphrases land
+    /// near each other in that space, which is what it was trained for.
+    /// BERT encoders only.
+    pub fn encode_with_sentence_embedding(
+        &self,
+        prompts: &[&str],
+    ) -> Result<(Tensor, Tensor, Vec<bool>)> {
+        if prompts.is_empty() {
+            return Err(Error::invalid("text encoder: no prompts given"));
+        }
+        let (hidden, mask, cut) = self.encode_bert(prompts)?;
+        let pooled = pool(&hidden, &mask, Pooling::Mean)?;
+        let sentence = l2_normalize(&pooled)?.to_dtype(hidden.dtype())?;
+        Ok((hidden, sentence, cut))
+    }
+
+    /// BERT hidden states, the attention mask and the truncation flags.
+    fn encode_bert(&self, prompts: &[&str]) -> Result<(Tensor, Tensor, Vec<bool>)> {
+        let Self::Bert {
+            tokenizer,
+            model,
+            max_length,
+            use_attention_mask,
+        } = self
+        else {
+            return Err(Error::invalid(
+                "sentence embeddings need a BERT text encoder; this model uses CLIP",
+            ));
+        };
+        let encodings = tokenizer
+            .encode_batch(prompts.to_vec(), true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let mut ids = Vec::with_capacity(prompts.len() * max_length);
+        let mut mask = Vec::with_capacity(prompts.len() * max_length);
+        let mut cut = Vec::with_capacity(prompts.len());
+        for e in &encodings {
+            if e.len() != *max_length {
+                return Err(Error::Tokenizer(format!(
+                    "padding gave {} tokens instead of {max_length}",
+                    e.len()
+                )));
+            }
+            ids.extend_from_slice(e.get_ids());
+            mask.extend_from_slice(e.get_attention_mask());
+            cut.push(!e.get_overflowing().is_empty());
+        }
+        let device = model.device();
+        let shape = (prompts.len(), *max_length);
+        let ids = Tensor::from_vec(ids, shape, device)?;
+        let mask = Tensor::from_vec(mask, shape, device)?;
+        let hidden = model.forward(&ids, None, use_attention_mask.then_some(&mask))?;
+        Ok((hidden, mask, cut))
+    }
+}
+
+/// The class labels a UNet with a class embedding gets for a prompt: its
+/// unit sentence embedding times `sqrt(D)`, so that its entries have unit
+/// variance (the scale a linear layer's default initialisation assumes)
+/// rather than about `1/sqrt(D)`.
+///
+/// # Shapes
+/// `[B, D]` -> `[B, D]`
+pub fn sentence_class_labels(sentence: &Tensor) -> Result<Tensor> {
+    let d = sentence.dim(candle_core::D::Minus1)?;
+    Ok((sentence * (d as f64).sqrt())?)
 }
 
 /// `model_max_length` from a transformers tokenizer folder (512 when absent,

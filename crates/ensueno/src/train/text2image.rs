@@ -36,7 +36,7 @@ use crate::models::autoencoder_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::ops::adamw::AdamW;
 pub use crate::pipelines::prompting::{styled_prompt, PromptingConfig, PROMPTING_JSON};
-use crate::pipelines::text_encoder::TextEncoder;
+use crate::pipelines::text_encoder::{sentence_class_labels, TextEncoder};
 use crate::schedulers::SchedulerConfig;
 use crate::{Error, Result};
 
@@ -75,6 +75,13 @@ pub struct Text2ImageRecipe {
     pub cond_dropout: f64,
     /// Probability of leaving the style out of the prompt.
     pub style_dropout: f64,
+    /// For a UNet with a class embedding (fed the prompt's sentence
+    /// embedding): probability of giving it the empty prompt's token states
+    /// with the prompt's sentence embedding, so that it learns to draw from
+    /// the sentence embedding alone, the part of the text conditioning that
+    /// places paraphrases near each other.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub token_dropout: f64,
     pub ema_decay: f64,
     pub weight_decay: f64,
     pub lr_warmup_steps: usize,
@@ -107,6 +114,29 @@ impl Text2ImageConfig {
             return Err(Error::invalid(
                 "cond_dropout and style_dropout must be in [0, 1)",
             ));
+        }
+        if !(0.0..1.0).contains(&r.token_dropout) {
+            return Err(Error::invalid("token_dropout must be in [0, 1)"));
+        }
+        let cross = cross_attention_width(&self.unet);
+        match (
+            self.unet.class_embed_type.as_deref(),
+            self.unet.projection_class_embeddings_input_dim,
+        ) {
+            (None, _) if r.token_dropout > 0.0 => {
+                return Err(Error::invalid(
+                    "token_dropout needs a UNet with a class embedding (class_embed_type \"projection\")",
+                ))
+            }
+            (None, _) => {}
+            (Some("projection"), Some(d)) if d == cross => {}
+            _ => {
+                return Err(Error::invalid(format!(
+                    "the UNet's class embedding is fed the sentence embedding: it must be \
+                     class_embed_type \"projection\" with projection_class_embeddings_input_dim = \
+                     cross_attention_dim ({cross})"
+                )))
+            }
         }
         if r.max_text_tokens < 3 || r.max_text_tokens > 512 {
             return Err(Error::invalid("max_text_tokens must be between 3 and 512"));
@@ -292,6 +322,9 @@ pub struct Text2ImageTask {
     latents: Tensor,
     /// Token states of every distinct prompt, [P, T, D].
     text_states: Tensor,
+    /// The class labels of every distinct prompt (scaled sentence
+    /// embeddings), [P, D], when the UNet has a class embedding.
+    sentence: Option<Tensor>,
     /// For each image: (styled prompt, plain caption) rows of `text_states`.
     prompt_rows: Vec<(u32, u32)>,
     /// The empty prompt's row.
@@ -336,10 +369,7 @@ impl Text2ImageTask {
             DType::F32,
         )?;
         let cross = text_encoder.hidden_size();
-        let unet_cross = match &config.unet.cross_attention_dim {
-            crate::models::unet_2d_condition::OneOrMany::One(d) => *d,
-            crate::models::unet_2d_condition::OneOrMany::Many(v) => v.first().copied().unwrap_or(0),
-        };
+        let unet_cross = cross_attention_width(&config.unet);
         if unet_cross != cross {
             return Err(Error::invalid(format!(
                 "the UNet's cross_attention_dim is {unet_cross} but the text encoder's hidden size is {cross}"
@@ -380,11 +410,18 @@ impl Text2ImageTask {
             .collect();
 
         let chunk = 64;
+        let with_sentence = config.unet.class_embed_type.is_some();
         let mut states = Vec::with_capacity(prompts.len().div_ceil(chunk));
+        let mut sentences = Vec::new();
         for (i, part) in prompts.chunks(chunk).enumerate() {
             let refs: Vec<&str> = part.iter().map(String::as_str).collect();
-            let (hidden, _) = text_encoder.encode(&refs, 0)?;
-            states.push(hidden);
+            if with_sentence {
+                let (hidden, sentence, _) = text_encoder.encode_with_sentence_embedding(&refs)?;
+                states.push(hidden);
+                sentences.push(sentence_class_labels(&sentence)?);
+            } else {
+                states.push(text_encoder.encode(&refs, 0)?.0);
+            }
             on_progress(
                 (i * chunk + part.len()).min(prompts.len()),
                 prompts.len(),
@@ -392,6 +429,9 @@ impl Text2ImageTask {
             );
         }
         let text_states = Tensor::cat(&states, 0)?;
+        let sentence = with_sentence
+            .then(|| Tensor::cat(&sentences, 0))
+            .transpose()?;
         drop(text_encoder);
 
         let taesd = frozen.load_vae(device)?;
@@ -433,6 +473,7 @@ impl Text2ImageTask {
             forward,
             latents,
             text_states,
+            sentence,
             prompt_rows,
             null_row,
             styles,
@@ -456,7 +497,20 @@ impl Text2ImageTask {
         } else {
             dir.to_path_buf()
         };
-        let tensors: HashMap<String, Tensor> = folder_tensors(&unet_dir)?.into_iter().collect();
+        let mut tensors: HashMap<String, Tensor> = folder_tensors(&unet_dir)?.into_iter().collect();
+        // A class embedding the loaded UNet lacks starts as a no-op (its last
+        // layer zero), so training begins from exactly the loaded model.
+        for (name, t) in self.params.tensors() {
+            if name.starts_with("class_embedding.") && !tensors.contains_key(&name) {
+                // A copy: a variable cannot be set from its own storage.
+                let t = if name.starts_with("class_embedding.linear_2.") {
+                    t.zeros_like()?
+                } else {
+                    t.copy()?
+                };
+                tensors.insert(name, t);
+            }
+        }
         crate::io::model_folder::in_component(&unet_dir, self.params.load_tensors(&tensors, ""))?;
         self.ema = Ema::new(&self.params, self.config.recipe.ema_decay)?;
         Ok(())
@@ -512,11 +566,28 @@ impl TrainTask for Text2ImageTask {
                 }
             })
             .collect();
+        let mut token_drop = ctx.uniform_rng(3);
+        let token_rows: Vec<u32> = rows
+            .iter()
+            .map(|&r| {
+                if token_drop.random::<f64>() < recipe.token_dropout {
+                    self.null_row
+                } else {
+                    r
+                }
+            })
+            .collect();
         let context = self
             .text_states
-            .index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?;
+            .index_select(&Tensor::new(token_rows.as_slice(), &self.device)?, 0)?;
+        let class_labels = match &self.sentence {
+            Some(s) => Some(s.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?),
+            None => None,
+        };
         let (xt, t) = self.forward.noise(&x0, &noise, &ts, &self.device)?;
-        let pred = self.model.forward(&xt, &t, &context)?;
+        let pred =
+            self.model
+                .forward_with_class_labels(&xt, &t, &context, class_labels.as_ref())?;
         let loss = candle_nn::loss::mse(&pred, &noise)?;
         let value = loss.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
@@ -590,6 +661,18 @@ impl TrainTask for Text2ImageTask {
         self.ema.load_state(state, "ema.")?;
         self.opt.load_state(&strip_prefix("optimizer.", state))
     }
+}
+
+/// The text width the UNet's cross-attention expects (its first block's).
+fn cross_attention_width(unet: &UNet2DConditionConfig) -> usize {
+    match &unet.cross_attention_dim {
+        crate::models::unet_2d_condition::OneOrMany::One(d) => *d,
+        crate::models::unet_2d_condition::OneOrMany::Many(v) => v.first().copied().unwrap_or(0),
+    }
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 /// Every tensor of a component folder's weight files, on the CPU in their
