@@ -107,7 +107,8 @@ pub fn rank_of(query: &[f32], gallery: &[Vec<f32>], target: usize) -> usize {
 /// training captions: those that differ from the caption once `_`/`-` are
 /// spaces, without codes that name nothing in words: country-code flag
 /// names ("flag-lc") and code points ("u7121", the Japanese "free of
-/// charge" button). The skin tone, when there is one, is kept as the caption has it.
+/// charge" button). The skin tone, when there is one, is kept as the
+/// caption has it.
 pub fn short_name_paraphrases(caption: &str, metadata: &serde_json::Value) -> Vec<String> {
     let names = metadata
         .get("short_names")

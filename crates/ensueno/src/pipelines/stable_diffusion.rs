@@ -228,12 +228,8 @@ impl StableDiffusionPipeline {
             )
         })?;
         let (hidden, sentence, cut) = if self.unet.class_labels_dim().is_some() {
-            if clip_skip != 0 {
-                return Err(Error::invalid(
-                    "clip_skip only applies to CLIP text encoders; this model uses BERT",
-                ));
-            }
-            let (hidden, sentence, cut) = encoder.encode_with_sentence_embedding(&[prompt])?;
+            let (hidden, sentence, cut) =
+                encoder.encode_with_sentence_embedding(&[prompt], clip_skip)?;
             (hidden, Some(sentence_class_labels(&sentence)?), cut)
         } else {
             let (hidden, cut) = encoder.encode(&[prompt], clip_skip)?;

@@ -200,12 +200,7 @@ impl TextEncoder {
                 Ok((model.forward_with_clip_skip(&ids, clip_skip)?, cut))
             }
             Self::Bert { .. } => {
-                if clip_skip != 0 {
-                    return Err(Error::invalid(
-                        "clip_skip only applies to CLIP text encoders; this model uses BERT",
-                    ));
-                }
-                let (hidden, _, cut) = self.encode_bert(prompts)?;
+                let (hidden, _, cut) = self.encode_bert(prompts, clip_skip)?;
                 Ok((hidden, cut))
             }
         }
@@ -216,22 +211,27 @@ impl TextEncoder {
     /// and scaled to unit length, as sentence-transformers' Pooling(mean) +
     /// Normalize make all-MiniLM-L6-v2's sentence vectors. Paraphrases land
     /// near each other in that space, which is what it was trained for.
-    /// BERT encoders only.
+    /// BERT encoders only (which refuse a `clip_skip` but 0, as [`Self::encode`]).
     pub fn encode_with_sentence_embedding(
         &self,
         prompts: &[&str],
+        clip_skip: usize,
     ) -> Result<(Tensor, Tensor, Vec<bool>)> {
         if prompts.is_empty() {
             return Err(Error::invalid("text encoder: no prompts given"));
         }
-        let (hidden, mask, cut) = self.encode_bert(prompts)?;
+        let (hidden, mask, cut) = self.encode_bert(prompts, clip_skip)?;
         let pooled = pool(&hidden, &mask, Pooling::Mean)?;
         let sentence = l2_normalize(&pooled)?.to_dtype(hidden.dtype())?;
         Ok((hidden, sentence, cut))
     }
 
     /// BERT hidden states, the attention mask and the truncation flags.
-    fn encode_bert(&self, prompts: &[&str]) -> Result<(Tensor, Tensor, Vec<bool>)> {
+    fn encode_bert(
+        &self,
+        prompts: &[&str],
+        clip_skip: usize,
+    ) -> Result<(Tensor, Tensor, Vec<bool>)> {
         let Self::Bert {
             tokenizer,
             model,
@@ -243,6 +243,11 @@ impl TextEncoder {
                 "sentence embeddings need a BERT text encoder; this model uses CLIP",
             ));
         };
+        if clip_skip != 0 {
+            return Err(Error::invalid(
+                "clip_skip only applies to CLIP text encoders; this model uses BERT",
+            ));
+        }
         let encodings = tokenizer
             .encode_batch(prompts.to_vec(), true)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;

@@ -416,7 +416,8 @@ impl Text2ImageTask {
         for (i, part) in prompts.chunks(chunk).enumerate() {
             let refs: Vec<&str> = part.iter().map(String::as_str).collect();
             if with_sentence {
-                let (hidden, sentence, _) = text_encoder.encode_with_sentence_embedding(&refs)?;
+                let (hidden, sentence, _) =
+                    text_encoder.encode_with_sentence_embedding(&refs, 0)?;
                 states.push(hidden);
                 sentences.push(sentence_class_labels(&sentence)?);
             } else {
