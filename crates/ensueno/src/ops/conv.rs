@@ -35,6 +35,9 @@ use gemm::Parallelism;
 use crate::{Error, Result};
 
 mod winograd;
+#[cfg(target_arch = "x86_64")]
+mod winograd_avx512;
+mod winograd_gemm;
 pub use winograd::set_enabled as set_winograd;
 
 /// Hyper-parameters of a 2D convolution (the same for both spatial axes).
@@ -329,13 +332,19 @@ thread_local! {
     static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Runs `f` on this thread's scratch buffer of `len` floats, which starts on
+/// a 64-byte (cache-line) boundary: vector stores that straddle two lines
+/// cost about twice as much, and the Winograd transforms are bound by their
+/// stores (a misaligned buffer made the input transform 30-50% slower).
 fn with_tile<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    const LINE: usize = 16;
     TILE.with(|t| {
         let mut t = t.borrow_mut();
-        if t.len() < len {
-            t.resize(len, 0.0);
+        if t.len() < len + LINE {
+            t.resize(len + LINE, 0.0);
         }
-        f(&mut t[..len])
+        let skip = (LINE - (t.as_ptr() as usize / 4) % LINE) % LINE;
+        f(&mut t[skip..skip + len])
     })
 }
 

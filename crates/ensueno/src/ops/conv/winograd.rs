@@ -31,7 +31,9 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use super::{for_each_unit, for_each_unit_static, with_tile, Geom, SharedMut};
+#[cfg(target_arch = "x86_64")]
+use super::winograd_avx512;
+use super::{for_each_unit, for_each_unit_static, winograd_gemm, with_tile, Geom, SharedMut};
 use crate::ops::group_norm::multiversion;
 
 /// Tiles per unit to aim for: enough GEMM columns for the kernels to run at
@@ -44,7 +46,7 @@ fn tiles_per_unit() -> usize {
             .ok()
             .and_then(|s| s.parse().ok())
             .filter(|&t| t > 0)
-            .unwrap_or(384)
+            .unwrap_or(192)
     })
 }
 
@@ -180,39 +182,67 @@ pub(super) fn conv3x3(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
     let rows = unit_rows(g.c, g.o, tw, total, super::n_threads());
     let units = total.div_ceil(rows);
     let u = transform_filters(o, c, w);
+    // Own kernel where the units run one per thread and the filters are
+    // few (see winograd_gemm); the `gemm` crate's otherwise (no AVX-512,
+    // parallel GEMMs, or wide layers, which need its cache blocking).
+    let direct = winograd_gemm::available()
+        && units >= super::n_threads()
+        && o * c <= winograd_gemm::MAX_FILTERS;
+    let packed = direct.then(|| winograd_gemm::pack_filters(o, c, &u));
+    let op = winograd_gemm::padded_rows(o);
     let mut y = vec![0f32; g.n * o * g.ho * g.wo];
     let yp = SharedMut(y.as_mut_ptr());
     for_each_unit(units, |_, unit, par| {
         let q0 = unit * rows;
         let r = rows.min(total - q0);
         let tiles = r * tw;
-        with_tile(16 * (c + o) * tiles + input_scratch_len(tw, tiles), |buf| {
-            let (v, rest) = buf.split_at_mut(16 * c * tiles);
-            let (m, scratch) = rest.split_at_mut(16 * o * tiles);
-            transform_input(g, x, q0, r, v, scratch);
-            for k in 0..16 {
-                // SAFETY: lhs U[k] [o, c], rhs V[k] [c, tiles] and dst
-                // M[k] [o, tiles] are disjoint, in-bounds blocks of `u`,
-                // `v` and `m`, which only this unit (thread) touches.
-                unsafe {
-                    crate::ops::sgemm(
-                        (o, tiles, c),
-                        m[k * o * tiles..].as_mut_ptr(),
-                        (tiles, 1),
-                        false,
-                        u[k * o * c..].as_ptr(),
-                        (c, 1),
-                        v[k * c * tiles..].as_ptr(),
-                        (tiles, 1),
-                        1.0,
-                        par,
-                    )
-                }
+        match &packed {
+            Some(packed) => {
+                let ld = winograd_gemm::row_stride(tiles);
+                let (vp, mp) = (
+                    winograd_gemm::plane_stride(c, ld),
+                    winograd_gemm::plane_stride(op, ld),
+                );
+                with_tile(16 * (vp + mp) + input_scratch_len(tw, tiles), |buf| {
+                    let (v, rest) = buf.split_at_mut(16 * vp);
+                    let (m, scratch) = rest.split_at_mut(16 * mp);
+                    transform_input(g, x, q0, r, v, scratch, (ld, vp));
+                    winograd_gemm::gemm16((op, c), (ld, vp, mp), packed, v, m);
+                    // SAFETY: this unit writes the output rows of global
+                    // tile rows q0 .. q0 + r only (every channel).
+                    unsafe { transform_output(g, m, q0, r, yp, (ld, mp)) };
+                });
             }
-            // SAFETY: this unit writes the output rows of global tile rows
-            // q0 .. q0 + r only (every channel); no other unit has them.
-            unsafe { transform_output(g, m, q0, r, yp) };
-        });
+            None => {
+                with_tile(16 * (c + o) * tiles + input_scratch_len(tw, tiles), |buf| {
+                    let (v, rest) = buf.split_at_mut(16 * c * tiles);
+                    let (m, scratch) = rest.split_at_mut(16 * o * tiles);
+                    transform_input(g, x, q0, r, v, scratch, (tiles, c * tiles));
+                    for k in 0..16 {
+                        // SAFETY: lhs U[k] [o, c], rhs V[k] [c, tiles] and
+                        // dst M[k] [o, tiles] are disjoint, in-bounds blocks
+                        // of `u`, `v` and `m`, which only this unit (thread)
+                        // touches.
+                        unsafe {
+                            crate::ops::sgemm(
+                                (o, tiles, c),
+                                m[k * o * tiles..].as_mut_ptr(),
+                                (tiles, 1),
+                                false,
+                                u[k * o * c..].as_ptr(),
+                                (c, 1),
+                                v[k * c * tiles..].as_ptr(),
+                                (tiles, 1),
+                                1.0,
+                                par,
+                            )
+                        }
+                    }
+                    // SAFETY: as above.
+                    unsafe { transform_output(g, m, q0, r, yp, (tiles, o * tiles)) };
+                });
+            }
+        }
     });
     y
 }
@@ -258,7 +288,7 @@ pub(super) fn grad_weight3x3(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
         with_tile(16 * (c + o) * tiles + input_scratch_len(tw, tiles), |buf| {
             let (v, rest) = buf.split_at_mut(16 * c * tiles);
             let (d, scratch) = rest.split_at_mut(16 * o * tiles);
-            transform_input(g, x, q0, r, v, scratch);
+            transform_input(g, x, q0, r, v, scratch, (tiles, c * tiles));
             transform_grad_output(g, dy, q0, r, d);
             for k in 0..16 {
                 // SAFETY: lhs D[k] [o, tiles] and rhs V[k]^T [tiles, c]
@@ -495,9 +525,55 @@ unsafe fn column_transform_avx512(
     }
 }
 
+/// Fills `v[ξ][ci][t]` with the transformed patches of global tile rows
+/// `q0 .. q0 + r` ([`transform_input_portable`] says how), with the
+/// AVX-512 code where the CPU has it.
+fn transform_input(
+    g: &Geom,
+    x: &[f32],
+    q0: usize,
+    r: usize,
+    v: &mut [f32],
+    scratch: &mut [f32],
+    strides: (usize, usize),
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::ops::group_norm::simd_level() == 2 {
+        // SAFETY: AVX-512F detected; the function checks the extents.
+        unsafe { winograd_avx512::transform_input(g, x, q0, r, v, scratch, strides) };
+        return;
+    }
+    transform_input_portable(g, x, q0, r, v, scratch, strides)
+}
+
+/// Writes `A^T M A` of every tile of global tile rows `q0 .. q0 + r` into
+/// the output ([`transform_output_portable`] says how), with the AVX-512
+/// code where the CPU has it.
+///
+/// # Safety
+/// As [`transform_output_portable`].
+unsafe fn transform_output(
+    g: &Geom,
+    m: &[f32],
+    q0: usize,
+    r: usize,
+    y: SharedMut,
+    strides: (usize, usize),
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::ops::group_norm::simd_level() == 2 {
+        // SAFETY: AVX-512F detected; the rest is the caller's contract.
+        unsafe { winograd_avx512::transform_output(g, m, q0, r, y, strides) };
+        return;
+    }
+    // SAFETY: the caller's contract.
+    unsafe { transform_output_portable(g, m, q0, r, y, strides) }
+}
+
 multiversion! {
-    /// Fills `v[ξ][ci][t]` with `B^T d B` of the 4x4 patch of every tile `t` of
-    /// global tile rows `q0 .. q0 + r` and every channel, with
+    /// Fills `v[ξ][ci][t]` (at `ξ * plane + ci * ld + t`, `ld >= r * tw`;
+    /// columns past the tiles are left as they were) with `B^T d B` of the 4x4 patch of every tile
+    /// `t` of global tile rows `q0 .. q0 + r` and every channel, with
     /// `B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`.
     ///
     /// Tile row `tr` reads input rows `2 tr - pad .. 2 tr - pad + 4`, so
@@ -511,11 +587,18 @@ multiversion! {
     /// loop over all of the run's tiles (full vector width even for rows of
     /// 7 or 14 tiles) that writes each element of `v` once.
     #[inline(never)]
-    fn transform_input(g: &Geom, x: &[f32], q0: usize, r: usize, v: &mut [f32], scratch: &mut [f32]) {
+    fn transform_input_portable(
+        g: &Geom,
+        x: &[f32],
+        q0: usize,
+        r: usize,
+        v: &mut [f32],
+        scratch: &mut [f32],
+        strides: (usize, usize),
+    ) {
+        let (ld, plane) = strides;
         let (c, h, wd, pad) = (g.c, g.h, g.w, g.pad);
         let (th, tw) = (g.ho.div_ceil(2), g.wo.div_ceil(2));
-        let tiles = r * tw;
-        let plane = c * tiles;
         let mut rr = 0;
         while rr < r {
             let q = q0 + rr;
@@ -541,7 +624,7 @@ multiversion! {
                 }
                 // Rows: B^T across each tile's four column-transformed rows.
                 let len = s * tw;
-                let dst0 = rr * tw + ci * tiles;
+                let dst0 = rr * tw + ci * ld;
                 for j in 0..4 {
                     let e = &ct[j * rows..][..rows];
                     let o = &ct[(4 + j) * rows..][..rows];
@@ -568,17 +651,25 @@ multiversion! {
 multiversion! {
     /// Writes `A^T M A` of every tile into the output, with
     /// `A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]`; tiles past an odd edge keep only
-    /// their in-range outputs.
+    /// their in-range outputs. `M[ξ][oi][t]` is at `ξ * plane + oi * ld + t`
+    /// (`ld >= r * tw`; the rest of `m` is ignored).
     ///
     /// # Safety
     /// `y` must point to the `[n, o, ho, wo]` output, and the output rows of
     /// global tile rows `q0 .. q0 + r` must be written by no one else.
     #[inline(never)]
-    unsafe fn transform_output(g: &Geom, m: &[f32], q0: usize, r: usize, y: SharedMut) {
+    unsafe fn transform_output_portable(
+        g: &Geom,
+        m: &[f32],
+        q0: usize,
+        r: usize,
+        y: SharedMut,
+        strides: (usize, usize),
+    ) {
+        let (ld, plane) = strides;
         let (o, ho, wo) = (g.o, g.ho, g.wo);
         let (th, tw) = (ho.div_ceil(2), wo.div_ceil(2));
         let tiles = r * tw;
-        let plane = o * tiles;
         // The tiles of one channel are contiguous in every M[ξ], so both
         // stages of A^T M A run over all of the unit's tiles at once (full
         // vector width even for 7- or 14-tile rows); only the final interleave
@@ -588,7 +679,7 @@ multiversion! {
         let mut s = vec![0f32; 8 * tiles];
         let mut out = vec![0f32; 4 * tiles];
         for oi in 0..o {
-            let base = oi * tiles;
+            let base = oi * ld;
             let (s0, s1) = s.split_at_mut(4 * tiles);
             for j in 0..4 {
                 let m0 = &m[j * plane + base..][..tiles];
@@ -715,6 +806,11 @@ mod tests {
             (1, 16, 6, 900, 16, 1),
             // Units of two tile rows, most spanning two images.
             (5, 16, 5, 6, 16, 1),
+            // Output channels not a multiple of the kernel's 8-row panels,
+            // odd output size, filters few enough for the direct kernel.
+            (6, 18, 13, 13, 20, 1),
+            // Wide enough for the `gemm` crate's kernels (O * C > 128 * 64).
+            (2, 136, 12, 12, 72, 1),
         ] {
             let g = Geom {
                 n,
@@ -755,6 +851,103 @@ mod tests {
                     err <= 1e-5 * scale,
                     "{g:?}: {what} max error {err} (scale {scale})"
                 );
+            }
+        }
+    }
+
+    /// The AVX-512 transforms against the portable ones, element for
+    /// element (same arithmetic, so bit-identical): units inside one image
+    /// and across images, odd sizes, every padding, padded row and plane
+    /// strides.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_transforms_match_portable() {
+        if crate::ops::group_norm::simd_level() != 2 {
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+        for (n, c, h, w, o, pad) in [
+            (3, 5, 9, 7, 3, 1),
+            (2, 3, 28, 28, 4, 1),
+            (4, 2, 6, 40, 2, 0),
+            (2, 2, 11, 8, 5, 2),
+        ] {
+            let (ho, wo) = (h + 2 * pad - 2, w + 2 * pad - 2);
+            let g = Geom {
+                n,
+                c,
+                h,
+                w,
+                o,
+                kh: 3,
+                kw: 3,
+                stride: 1,
+                pad,
+                dil: 1,
+                groups: 1,
+                ho,
+                wo,
+            };
+            let (th, tw) = (ho.div_ceil(2), wo.div_ceil(2));
+            let x = random(n * c * h * w, &mut rng);
+            for (q0, r) in [(0, n * th), (1, th), (th - 1, 2)] {
+                let tiles = r * tw;
+                let ld = winograd_gemm::row_stride(tiles);
+                let plane = winograd_gemm::plane_stride(c.max(o), ld);
+                let mut a = vec![0f32; 16 * plane];
+                let mut b = vec![0f32; 16 * plane];
+                let mut scratch = vec![0f32; input_scratch_len(tw, tiles)];
+                transform_input_portable(&g, &x, q0, r, &mut a, &mut scratch, (ld, plane));
+                // SAFETY: AVX-512F checked above; sizes as required.
+                unsafe {
+                    winograd_avx512::transform_input(
+                        &g,
+                        &x,
+                        q0,
+                        r,
+                        &mut b,
+                        &mut scratch,
+                        (ld, plane),
+                    )
+                };
+                for k in 0..16 {
+                    for ci in 0..c {
+                        let at = k * plane + ci * ld;
+                        assert_eq!(
+                            a[at..at + tiles],
+                            b[at..at + tiles],
+                            "{g:?} unit {q0}+{r}: V[{k}][{ci}]"
+                        );
+                    }
+                }
+                let m = random(16 * plane, &mut rng);
+                let mut ya = vec![f32::NAN; n * o * ho * wo];
+                let mut yb = vec![f32::NAN; n * o * ho * wo];
+                // SAFETY: each call is the only writer of its own output.
+                unsafe {
+                    transform_output_portable(
+                        &g,
+                        &m,
+                        q0,
+                        r,
+                        SharedMut(ya.as_mut_ptr()),
+                        (ld, plane),
+                    );
+                    winograd_avx512::transform_output(
+                        &g,
+                        &m,
+                        q0,
+                        r,
+                        SharedMut(yb.as_mut_ptr()),
+                        (ld, plane),
+                    );
+                }
+                for (i, (p, q)) in ya.iter().zip(&yb).enumerate() {
+                    assert!(
+                        p == q || (p.is_nan() && q.is_nan()),
+                        "{g:?} unit {q0}+{r}: y[{i}] {p} vs {q}"
+                    );
+                }
             }
         }
     }
