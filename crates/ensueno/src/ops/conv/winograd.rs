@@ -285,26 +285,33 @@ pub(super) fn grad_weight3x3(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
         let q0 = unit * rows;
         let r = rows.min(total - q0);
         let tiles = r * tw;
-        with_tile(16 * (c + o) * tiles + input_scratch_len(tw, tiles), |buf| {
-            let (v, rest) = buf.split_at_mut(16 * c * tiles);
-            let (d, scratch) = rest.split_at_mut(16 * o * tiles);
-            transform_input(g, x, q0, r, v, scratch, (tiles, c * tiles));
-            transform_grad_output(g, dy, q0, r, d);
+        // Padded strides as in the forward (see winograd_gemm): the GEMMs'
+        // inner dimension is the tile count, so the padding is never read.
+        let ld = winograd_gemm::row_stride(tiles);
+        let (vp, dp) = (
+            winograd_gemm::plane_stride(c, ld),
+            winograd_gemm::plane_stride(o, ld),
+        );
+        with_tile(16 * (vp + dp) + input_scratch_len(tw, tiles), |buf| {
+            let (v, rest) = buf.split_at_mut(16 * vp);
+            let (d, scratch) = rest.split_at_mut(16 * dp);
+            transform_input(g, x, q0, r, v, scratch, (ld, vp));
+            transform_grad_output(g, dy, q0, r, d, (ld, dp));
             for k in 0..16 {
-                // SAFETY: lhs D[k] [o, tiles] and rhs V[k]^T [tiles, c]
-                // (strides 1, tiles) lie in `d` and `v`; dst M[k] [o, c] is
-                // in thread `tid`'s partial sum, which only this thread
-                // touches (its units run one after the other).
+                // SAFETY: lhs D[k] [o, tiles] (row stride ld) and rhs
+                // V[k]^T [tiles, c] (strides 1, ld) lie in `d` and `v`; dst
+                // M[k] [o, c] is in thread `tid`'s partial sum, which only
+                // this thread touches (its units run one after the other).
                 unsafe {
                     crate::ops::sgemm(
                         (o, c, tiles),
                         pp.at(tid * mlen + k * oc),
                         (c, 1),
                         true,
-                        d[k * o * tiles..].as_ptr(),
-                        (tiles, 1),
-                        v[k * c * tiles..].as_ptr(),
-                        (1, tiles),
+                        d[k * dp..].as_ptr(),
+                        (ld, 1),
+                        v[k * vp..].as_ptr(),
+                        (1, ld),
                         1.0,
                         par,
                     )
@@ -340,16 +347,23 @@ pub(super) fn grad_weight3x3(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
 }
 
 multiversion! {
-    /// Fills `d[ξ][oi][t]` with `A dY A^T` of the 2x2 output-gradient block of
+    /// Fills `d[ξ][oi][t]` (at `ξ * plane + oi * ld + t`) with `A dY A^T` of
+    /// the 2x2 output-gradient block of
     /// every tile `t` of global tile rows `q0 .. q0 + r` and every output
     /// channel, with `A = [[1, 0], [1, 1], [1, -1], [0, -1]]`; positions past an
     /// odd edge count as zero (their outputs do not exist).
     #[inline(never)]
-    fn transform_grad_output(g: &Geom, dy: &[f32], q0: usize, r: usize, d: &mut [f32]) {
+    fn transform_grad_output_portable(
+        g: &Geom,
+        dy: &[f32],
+        q0: usize,
+        r: usize,
+        d: &mut [f32],
+        strides: (usize, usize),
+    ) {
+        let (ld, plane) = strides;
         let (o, ho, wo) = (g.o, g.ho, g.wo);
         let (th, tw) = (ho.div_ceil(2), wo.div_ceil(2));
-        let tiles = r * tw;
-        let plane = o * tiles;
         // Even and odd columns of the block's two rows, and of A dY's four.
         let mut cols = vec![0f32; 4 * tw];
         let mut rows = vec![0f32; 8 * tw];
@@ -390,7 +404,7 @@ multiversion! {
                     re[3 * tw + k] = -e1[k];
                     ro[3 * tw + k] = -o1[k];
                 }
-                let base = oi * tiles + rr * tw;
+                let base = oi * ld + rr * tw;
                 for i in 0..4 {
                     let (p, q) = (&re[i * tw..][..tw], &ro[i * tw..][..tw]);
                     let at = |j: usize| (4 * i + j) * plane + base;
@@ -408,6 +422,26 @@ multiversion! {
             }
         }
     }
+}
+
+/// Fills `D[ξ][oi][t]` with the transformed output gradients of global tile
+/// rows `q0 .. q0 + r` ([`transform_grad_output_portable`] says how), with
+/// the AVX-512 code where the CPU has it.
+fn transform_grad_output(
+    g: &Geom,
+    dy: &[f32],
+    q0: usize,
+    r: usize,
+    d: &mut [f32],
+    strides: (usize, usize),
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::ops::group_norm::simd_level() == 2 {
+        // SAFETY: AVX-512F detected; the function checks the extents.
+        unsafe { winograd_avx512::transform_grad_output(g, dy, q0, r, d, strides) };
+        return;
+    }
+    transform_grad_output_portable(g, dy, q0, r, d, strides)
 }
 
 /// Scratch length [`transform_input`] needs for units of `tiles` tiles in
@@ -855,8 +889,9 @@ mod tests {
         }
     }
 
-    /// The AVX-512 transforms against the portable ones, element for
-    /// element (same arithmetic, so bit-identical): units inside one image
+    /// The AVX-512 transforms (input, output, output gradient) against the
+    /// portable ones, element for element (same arithmetic, so
+    /// bit-identical): units inside one image
     /// and across images, odd sizes, every padding, padded row and plane
     /// strides.
     #[cfg(target_arch = "x86_64")]
@@ -918,6 +953,21 @@ mod tests {
                             b[at..at + tiles],
                             "{g:?} unit {q0}+{r}: V[{k}][{ci}]"
                         );
+                    }
+                }
+                let dy = random(n * o * ho * wo, &mut rng);
+                let (mut da, mut db) = (vec![0f32; 16 * plane], vec![0f32; 16 * plane]);
+                transform_grad_output_portable(&g, &dy, q0, r, &mut da, (ld, plane));
+                // SAFETY: AVX-512F checked above.
+                unsafe {
+                    winograd_avx512::transform_grad_output(&g, &dy, q0, r, &mut db, (ld, plane))
+                };
+                for k in 0..16 {
+                    for oi in 0..o {
+                        let at = k * plane + oi * ld;
+                        let (p, q) = (&da[at..at + tiles], &db[at..at + tiles]);
+                        let same = p.iter().zip(q).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{g:?} unit {q0}+{r}: D[{k}][{oi}]: {p:?} vs {q:?}");
                     }
                 }
                 let m = random(16 * plane, &mut rng);

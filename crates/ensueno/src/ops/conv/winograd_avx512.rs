@@ -257,3 +257,91 @@ pub(super) unsafe fn transform_output(
         }
     }
 }
+
+/// [`super::winograd`]'s `transform_grad_output` (see there for the
+/// layouts): `D[ξ][oi][t]` at `ξ * plane + oi * ld + t`.
+///
+/// # Safety
+/// AVX-512F must be present (the extents are checked).
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn transform_grad_output(
+    g: &Geom,
+    dy: &[f32],
+    q0: usize,
+    r: usize,
+    d: &mut [f32],
+    (ld, plane): (usize, usize),
+) {
+    let (o, ho, wo) = (g.o, g.ho, g.wo);
+    let (th, tw) = (ho.div_ceil(2), wo.div_ceil(2));
+    assert!(ld >= r * tw && plane >= o * ld && d.len() >= 15 * plane + o * ld);
+    assert!(dy.len() >= g.n * o * ho * wo);
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let dp = d.as_mut_ptr();
+    let yp = dy.as_ptr();
+    for oi in 0..o {
+        for rr in 0..r {
+            let q = q0 + rr;
+            let (ni, tr) = (q / th, q % th);
+            let mut k = 0;
+            while k < tw {
+                let cols = wo - 2 * k;
+                // Even and odd columns of the block's two output rows
+                // (zero past the edges).
+                let split = |dr: usize| {
+                    let oh = 2 * tr + dr;
+                    if oh >= ho {
+                        return (_mm512_setzero_ps(), _mm512_setzero_ps());
+                    }
+                    // SAFETY: masked to the row's `wo` columns, inside `dy`
+                    // (checked above).
+                    unsafe {
+                        let src = yp.add(((ni * o + oi) * ho + oh) * wo + 2 * k);
+                        let lo = _mm512_maskz_loadu_ps(first(cols), src);
+                        let hi = _mm512_maskz_loadu_ps(
+                            first(cols.saturating_sub(16)),
+                            src.wrapping_add(16),
+                        );
+                        (
+                            _mm512_permutex2var_ps(lo, even, hi),
+                            _mm512_permutex2var_ps(lo, odd, hi),
+                        )
+                    }
+                };
+                let ((e0, o0), (e1, o1)) = (split(0), split(1));
+                // Sign flip, as the portable code's unary minus (so -0.0
+                // where it gives -0.0).
+                let neg = |v: __m512| {
+                    _mm512_castsi512_ps(_mm512_xor_si512(
+                        _mm512_castps_si512(v),
+                        _mm512_set1_epi32(i32::MIN),
+                    ))
+                };
+                // Rows of A dY: r0, r0 + r1, r0 - r1, -r1, as (even, odd).
+                let rows = [
+                    (e0, o0),
+                    (_mm512_add_ps(e0, e1), _mm512_add_ps(o0, o1)),
+                    (_mm512_sub_ps(e0, e1), _mm512_sub_ps(o0, o1)),
+                    (neg(e1), neg(o1)),
+                ];
+                let m = first(tw - k);
+                for (i, &(p, q)) in rows.iter().enumerate() {
+                    let vals = [p, _mm512_add_ps(p, q), _mm512_sub_ps(p, q), neg(q)];
+                    for (j, val) in vals.into_iter().enumerate() {
+                        // SAFETY: D[4i + j][oi][rr * tw + k ..] for the
+                        // chunk's tiles, inside `d` (checked above).
+                        unsafe {
+                            _mm512_mask_storeu_ps(
+                                dp.add((4 * i + j) * plane + oi * ld + rr * tw + k),
+                                m,
+                                val,
+                            )
+                        };
+                    }
+                }
+                k += 16;
+            }
+        }
+    }
+}
