@@ -494,7 +494,9 @@ fn conv_fwd(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
 
 /// [`conv_fwd`] by im2col + GEMM, for every geometry.
 fn conv_fwd_im2col(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
-    let mut y = vec![0f32; g.n * g.o * g.howo()];
+    // SAFETY: every unit overwrites (no accumulation) its block of output
+    // channels and pixels, and the units tile the output.
+    let mut y = unsafe { super::uninit_f32(g.n * g.o * g.howo()) };
     let (cg, og, kdim, howo) = (g.cg(), g.og(), g.kdim(), g.howo());
     let rows = if g.is_pointwise() {
         g.tile_rows(cg)

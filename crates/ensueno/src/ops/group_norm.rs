@@ -355,7 +355,8 @@ impl CustomOp3 for GroupNormOp {
         let cpg = c / g;
         let s: usize = dims[2..].iter().product();
         let group_len = cpg * s;
-        let mut out = vec![0f32; x.len()];
+        // SAFETY: the n * g tasks write their groups, which tile `out`.
+        let mut out = unsafe { crate::ops::uninit_f32(x.len()) };
         let mut stats = vec![(0f32, 0f32); n * g];
         let out_ptr = SyncPtr(out.as_mut_ptr());
         let stats_ptr = SyncPtr(stats.as_mut_ptr());
@@ -410,7 +411,8 @@ impl CustomOp3 for GroupNormOp {
         let b = cpu_slice(bs, bl, "group norm bias")?;
         let dout = cpu_slice(gs, gl, "group norm gradient")?;
         let saved = self.stats.lock().map(|s| s.clone()).unwrap_or_default();
-        let mut dx = vec![0f32; x.len()];
+        // SAFETY: the n * g tasks write their groups, which tile `dx`.
+        let mut dx = unsafe { crate::ops::uninit_f32(x.len()) };
         // Per-(n, channel) partial sums for the weight and bias gradients.
         let mut dw_part = vec![0f64; n * c];
         let mut db_part = vec![0f64; n * c];

@@ -190,7 +190,9 @@ pub(super) fn conv3x3(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
         && o * c <= winograd_gemm::MAX_FILTERS;
     let packed = direct.then(|| winograd_gemm::pack_filters(o, c, &u));
     let op = winograd_gemm::padded_rows(o);
-    let mut y = vec![0f32; g.n * o * g.ho * g.wo];
+    // SAFETY: the units' output transforms write every output row of their
+    // tile rows, and the units cover all tile rows.
+    let mut y = unsafe { crate::ops::uninit_f32(g.n * o * g.ho * g.wo) };
     let yp = SharedMut(y.as_mut_ptr());
     for_each_unit(units, |_, unit, par| {
         let q0 = unit * rows;
