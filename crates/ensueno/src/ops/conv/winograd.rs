@@ -189,7 +189,12 @@ pub(super) fn conv3x3(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
         && units >= super::n_threads()
         && o * c <= winograd_gemm::MAX_FILTERS;
     let packed = direct.then(|| winograd_gemm::pack_filters(o, c, &u));
-    let op = winograd_gemm::padded_rows(o);
+    // The direct kernel computes whole 8-row panels of M.
+    let m_rows = if direct {
+        winograd_gemm::padded_rows(o)
+    } else {
+        o
+    };
     // SAFETY: the units' output transforms write every output row of their
     // tile rows, and the units cover all tile rows.
     let mut y = unsafe { crate::ops::uninit_f32(g.n * o * g.ho * g.wo) };
@@ -198,55 +203,84 @@ pub(super) fn conv3x3(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
         let q0 = unit * rows;
         let r = rows.min(total - q0);
         let tiles = r * tw;
-        match &packed {
-            Some(packed) => {
-                let ld = winograd_gemm::row_stride(tiles);
-                let (vp, mp) = (
-                    winograd_gemm::plane_stride(c, ld),
-                    winograd_gemm::plane_stride(op, ld),
-                );
-                with_tile(16 * (vp + mp) + input_scratch_len(tw, tiles), |buf| {
-                    let (v, rest) = buf.split_at_mut(16 * vp);
-                    let (m, scratch) = rest.split_at_mut(16 * mp);
-                    transform_input(g, x, q0, r, v, scratch, (ld, vp));
-                    winograd_gemm::gemm16((op, c), (ld, vp, mp), packed, v, m);
-                    // SAFETY: this unit writes the output rows of global
-                    // tile rows q0 .. q0 + r only (every channel).
-                    unsafe { transform_output(g, m, q0, r, yp, (ld, mp)) };
-                });
-            }
-            None => {
-                with_tile(16 * (c + o) * tiles + input_scratch_len(tw, tiles), |buf| {
-                    let (v, rest) = buf.split_at_mut(16 * c * tiles);
-                    let (m, scratch) = rest.split_at_mut(16 * o * tiles);
-                    transform_input(g, x, q0, r, v, scratch, (tiles, c * tiles));
+        with_unit_buffers((c, m_rows), tw, tiles, |st, v, m, scratch| {
+            transform_input(g, x, q0, r, v, scratch, (st.ld, st.v_plane));
+            match &packed {
+                Some(packed) => winograd_gemm::gemm16(
+                    (m_rows, c),
+                    (st.ld, st.v_plane, st.m_plane),
+                    packed,
+                    v,
+                    m,
+                ),
+                None => {
                     for k in 0..16 {
                         // SAFETY: lhs U[k] [o, c], rhs V[k] [c, tiles] and
-                        // dst M[k] [o, tiles] are disjoint, in-bounds blocks
-                        // of `u`, `v` and `m`, which only this unit (thread)
-                        // touches.
+                        // dst M[k] [o, tiles] (row strides ld) are disjoint,
+                        // in-bounds blocks of `u`, `v` and `m`, which only
+                        // this unit (thread) touches.
                         unsafe {
                             crate::ops::sgemm(
                                 (o, tiles, c),
-                                m[k * o * tiles..].as_mut_ptr(),
-                                (tiles, 1),
+                                m[k * st.m_plane..].as_mut_ptr(),
+                                (st.ld, 1),
                                 false,
                                 u[k * o * c..].as_ptr(),
                                 (c, 1),
-                                v[k * c * tiles..].as_ptr(),
-                                (tiles, 1),
+                                v[k * st.v_plane..].as_ptr(),
+                                (st.ld, 1),
                                 1.0,
                                 par,
                             )
                         }
                     }
-                    // SAFETY: as above.
-                    unsafe { transform_output(g, m, q0, r, yp, (tiles, o * tiles)) };
-                });
+                }
             }
-        }
+            // SAFETY: this unit writes the output rows of global tile rows
+            // q0 .. q0 + r only (every channel).
+            unsafe { transform_output(g, m, q0, r, yp, (st.ld, st.m_plane)) };
+        });
     });
     y
+}
+
+/// Row and plane strides of a unit's transformed data (see winograd_gemm).
+struct UnitStrides {
+    /// Between rows (channels) of a plane: the tiles, padded.
+    ld: usize,
+    /// Between the 16 planes of `V` (input channels).
+    v_plane: usize,
+    /// Between the 16 planes of `M` or `D` (output channels).
+    m_plane: usize,
+}
+
+/// Runs `f(strides, v, m, scratch)` on this thread's scratch buffer, split
+/// into the 16 planes of `V` (`c` rows), the 16 of `M` (`m_rows` rows), and
+/// the input transform's scratch, for a unit of `tiles` tiles in rows of
+/// `tw`. Rows are padded to whole vectors and planes to an odd number of
+/// cache lines (`winograd_gemm::row_stride`, `plane_stride`): the padding
+/// costs a few percent of memory and keeps the transforms' stores from
+/// colliding in L1.
+fn with_unit_buffers<R>(
+    (c, m_rows): (usize, usize),
+    tw: usize,
+    tiles: usize,
+    f: impl FnOnce(UnitStrides, &mut [f32], &mut [f32], &mut [f32]) -> R,
+) -> R {
+    let ld = winograd_gemm::row_stride(tiles);
+    let st = UnitStrides {
+        ld,
+        v_plane: winograd_gemm::plane_stride(c, ld),
+        m_plane: winograd_gemm::plane_stride(m_rows, ld),
+    };
+    with_tile(
+        16 * (st.v_plane + st.m_plane) + input_scratch_len(tw, tiles),
+        |buf| {
+            let (v, rest) = buf.split_at_mut(16 * st.v_plane);
+            let (m, scratch) = rest.split_at_mut(16 * st.m_plane);
+            f(st, v, m, scratch)
+        },
+    )
 }
 
 /// `dw = conv_weight_grad(x, dy)` for a geometry accepted by
@@ -287,16 +321,10 @@ pub(super) fn grad_weight3x3(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
         let q0 = unit * rows;
         let r = rows.min(total - q0);
         let tiles = r * tw;
-        // Padded strides as in the forward (see winograd_gemm): the GEMMs'
-        // inner dimension is the tile count, so the padding is never read.
-        let ld = winograd_gemm::row_stride(tiles);
-        let (vp, dp) = (
-            winograd_gemm::plane_stride(c, ld),
-            winograd_gemm::plane_stride(o, ld),
-        );
-        with_tile(16 * (vp + dp) + input_scratch_len(tw, tiles), |buf| {
-            let (v, rest) = buf.split_at_mut(16 * vp);
-            let (d, scratch) = rest.split_at_mut(16 * dp);
+        // The GEMMs' inner dimension is the tile count, so the padding of
+        // the rows is never read.
+        with_unit_buffers((c, o), tw, tiles, |st, v, d, scratch| {
+            let (ld, vp, dp) = (st.ld, st.v_plane, st.m_plane);
             transform_input(g, x, q0, r, v, scratch, (ld, vp));
             transform_grad_output(g, dy, q0, r, d, (ld, dp));
             for k in 0..16 {
@@ -446,6 +474,31 @@ fn transform_grad_output(
     transform_grad_output_portable(g, dy, q0, r, d, strides)
 }
 
+/// A run of a unit's tile rows that lie in one image: rows `tr0 .. tr0 + s`
+/// of image `ni`, the unit's rows `rr .. rr + s`.
+pub(super) struct Run {
+    pub(super) rr: usize,
+    pub(super) ni: usize,
+    pub(super) tr0: usize,
+    pub(super) s: usize,
+}
+
+/// The runs of global tile rows `q0 .. q0 + r` (row `q` is tile row
+/// `q % th` of image `q / th`), in order.
+pub(super) fn runs(q0: usize, r: usize, th: usize) -> impl Iterator<Item = Run> {
+    let mut rr = 0;
+    std::iter::from_fn(move || {
+        (rr < r).then(|| {
+            let q = q0 + rr;
+            let (ni, tr0) = (q / th, q % th);
+            let s = (th - tr0).min(r - rr);
+            let run = Run { rr, ni, tr0, s };
+            rr += s;
+            run
+        })
+    })
+}
+
 /// Scratch length [`transform_input`] needs for units of `tiles` tiles in
 /// rows of `tw` tiles: the column-transformed input rows of one channel.
 fn input_scratch_len(tw: usize, tiles: usize) -> usize {
@@ -460,23 +513,10 @@ fn bt4(p0: f32, p1: f32, p2: f32, p3: f32) -> [f32; 4] {
 
 /// The column transform of one input row: `out[j * stride + k]` is element
 /// `j` of `B^T (p0, p1, p2, p3)` with `p_m` input column `2k - pad + m` of
-/// `src` (zero outside it), for the `tw` tiles `k` of the row.
+/// `src` (zero outside it), for the `tw` tiles `k` of the row, one tile at a
+/// time (`winograd_avx512` has the vector version).
 #[inline(always)]
 fn column_transform(src: &[f32], pad: usize, tw: usize, out: &mut [f32], stride: usize) {
-    assert!(out.len() >= 3 * stride + tw);
-    #[cfg(target_arch = "x86_64")]
-    if crate::ops::group_norm::simd_level() == 2 {
-        // SAFETY: AVX-512F was detected at run time; `out` holds the four
-        // rows written (asserted above).
-        unsafe { column_transform_avx512(src, pad, tw, out.as_mut_ptr(), stride) };
-        return;
-    }
-    column_transform_scalar(src, pad, tw, out, stride);
-}
-
-/// [`column_transform`] one tile at a time (CPUs without AVX-512).
-#[inline(always)]
-fn column_transform_scalar(src: &[f32], pad: usize, tw: usize, out: &mut [f32], stride: usize) {
     let wd = src.len();
     let px = |col: isize| {
         if col >= 0 && (col as usize) < wd {
@@ -491,73 +531,6 @@ fn column_transform_scalar(src: &[f32], pad: usize, tw: usize, out: &mut [f32], 
         for (j, val) in vals.into_iter().enumerate() {
             out[j * stride + k] = val;
         }
-    }
-}
-
-/// [`column_transform`] 16 tiles at a time: masked loads of the 34 input
-/// columns the tiles read (the masks supply the zero padding, so there is no
-/// padded copy), split into even and odd columns by two permutes.
-///
-/// # Safety
-/// The CPU must have AVX-512F, and `out` must be valid for writes of
-/// `out[j * stride + k]`, `j < 4`, `k < tw`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn column_transform_avx512(
-    src: &[f32],
-    pad: usize,
-    tw: usize,
-    out: *mut f32,
-    stride: usize,
-) {
-    use std::arch::x86_64::*;
-    let wd = src.len() as isize;
-    // Lanes `l < lanes` with `0 <= col + l < wd`.
-    let mask = |col: isize, lanes: isize| -> u16 {
-        let lo = (-col).clamp(0, lanes);
-        let hi = (wd - col).clamp(lo, lanes);
-        (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u16
-    };
-    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-    let p = src.as_ptr();
-    let mut k0 = 0;
-    while k0 < tw {
-        let base = 2 * k0 as isize - pad as isize;
-        // SAFETY: masked-off lanes are not read, and every lane left on is
-        // a column inside `src`.
-        let (l0, l1, l2) = unsafe {
-            (
-                _mm512_maskz_loadu_ps(mask(base, 16), p.wrapping_offset(base)),
-                _mm512_maskz_loadu_ps(mask(base + 16, 16), p.wrapping_offset(base + 16)),
-                _mm512_maskz_loadu_ps(mask(base + 32, 2), p.wrapping_offset(base + 32)),
-            )
-        };
-        // a[t], b[t]: columns base + 2t and base + 2t + 1; a2, b2 the same
-        // one tile on (lane 15 from l2).
-        let a = _mm512_permutex2var_ps(l0, even, l1);
-        let b = _mm512_permutex2var_ps(l0, odd, l1);
-        let b_hi = _mm512_permutexvar_ps(_mm512_set1_epi32(1), l2);
-        let shift = |lo: __m512, hi: __m512| {
-            _mm512_castsi512_ps(_mm512_alignr_epi32::<1>(
-                _mm512_castps_si512(hi),
-                _mm512_castps_si512(lo),
-            ))
-        };
-        let (a2, b2) = (shift(a, l2), shift(b, b_hi));
-        let vals = [
-            _mm512_sub_ps(a, a2),
-            _mm512_add_ps(b, a2),
-            _mm512_sub_ps(a2, b),
-            _mm512_sub_ps(b, b2),
-        ];
-        let n = (tw - k0).min(16);
-        let m = ((1u32 << n) - 1) as u16;
-        for (j, val) in vals.into_iter().enumerate() {
-            // SAFETY: tiles k0 .. k0 + n of row j (caller's contract).
-            unsafe { _mm512_mask_storeu_ps(out.add(j * stride + k0), m, val) };
-        }
-        k0 += 16;
     }
 }
 
@@ -635,12 +608,7 @@ multiversion! {
         let (ld, plane) = strides;
         let (c, h, wd, pad) = (g.c, g.h, g.w, g.pad);
         let (th, tw) = (g.ho.div_ceil(2), g.wo.div_ceil(2));
-        let mut rr = 0;
-        while rr < r {
-            let q = q0 + rr;
-            let (ni, tr0) = (q / th, q % th);
-            // A run: tile rows of image ni from tr0 on, inside the unit.
-            let s = (th - tr0).min(r - rr);
+        for Run { rr, ni, tr0, s } in runs(q0, r, th) {
             let rows = (s + 1) * tw;
             let ct = &mut scratch[..8 * rows];
             for ci in 0..c {
@@ -679,7 +647,6 @@ multiversion! {
                     }
                 }
             }
-            rr += s;
         }
     }
 }
@@ -777,12 +744,31 @@ mod tests {
         (0..n).map(|_| rng.random_range(-1f32..1.)).collect()
     }
 
-    /// Both column transforms against the definition (a zero-padded copy of
-    /// the row, `B^T` on each tile's four columns): every padding, widths
-    /// from one column to three 16-tile chunks. The AVX-512 one only where
-    /// the CPU has it; the scalar one everywhere.
+    /// A 3x3 stride-1 convolution of `[n, c, h, w]` to `o` channels.
+    fn geom(n: usize, c: usize, h: usize, w: usize, o: usize, pad: usize) -> Geom {
+        Geom {
+            n,
+            c,
+            h,
+            w,
+            o,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad,
+            dil: 1,
+            groups: 1,
+            ho: h + 2 * pad - 2,
+            wo: w + 2 * pad - 2,
+        }
+    }
+
+    /// The portable column transform against the definition (a zero-padded
+    /// copy of the row, `B^T` on each tile's four columns): every padding,
+    /// widths from one column to three 16-tile chunks. (The AVX-512 code is
+    /// checked against the portable code below, over the same widths.)
     #[test]
-    fn column_transforms_match_definition() {
+    fn column_transform_matches_definition() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         for pad in 0..=2usize {
             for wd in 1..=40usize {
@@ -814,17 +800,9 @@ mod tests {
                         );
                     }
                 };
-                let mut slow = vec![f32::NAN; 4 * stride];
-                column_transform_scalar(&src, pad, tw, &mut slow, stride);
-                same(&slow, "scalar");
-                #[cfg(target_arch = "x86_64")]
-                if crate::ops::group_norm::simd_level() == 2 {
-                    let mut fast = vec![f32::NAN; 4 * stride];
-                    // SAFETY: AVX-512F detected; `fast` holds 4 rows of
-                    // `stride >= tw`.
-                    unsafe { column_transform_avx512(&src, pad, tw, fast.as_mut_ptr(), stride) };
-                    same(&fast, "avx512");
-                }
+                let mut got = vec![f32::NAN; 4 * stride];
+                column_transform(&src, pad, tw, &mut got, stride);
+                same(&got, "portable");
             }
         }
     }
@@ -848,21 +826,7 @@ mod tests {
             // Wide enough for the `gemm` crate's kernels (O * C > 128 * 64).
             (2, 136, 12, 12, 72, 1),
         ] {
-            let g = Geom {
-                n,
-                c,
-                h,
-                w,
-                o,
-                kh: 3,
-                kw: 3,
-                stride: 1,
-                pad,
-                dil: 1,
-                groups: 1,
-                ho: h + 2 * pad - 2,
-                wo: w + 2 * pad - 2,
-            };
+            let g = geom(n, c, h, w, o, pad);
             let x = random(n * c * h * w, &mut rng);
             let wt = random(o * c * 9, &mut rng);
             let dy = random(n * o * g.ho * g.wo, &mut rng);
@@ -903,28 +867,21 @@ mod tests {
             return;
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
-        for (n, c, h, w, o, pad) in [
+        let mut cases = vec![
             (3, 5, 9, 7, 3, 1),
             (2, 3, 28, 28, 4, 1),
             (4, 2, 6, 40, 2, 0),
             (2, 2, 11, 8, 5, 2),
-        ] {
-            let (ho, wo) = (h + 2 * pad - 2, w + 2 * pad - 2);
-            let g = Geom {
-                n,
-                c,
-                h,
-                w,
-                o,
-                kh: 3,
-                kw: 3,
-                stride: 1,
-                pad,
-                dil: 1,
-                groups: 1,
-                ho,
-                wo,
-            };
+        ];
+        // Every width from one output column to three 16-tile chunks, for
+        // each padding (the column transform's masks and tails).
+        for pad in 0..=2 {
+            cases
+                .extend((3usize.saturating_sub(2 * pad).max(1)..=66).map(|w| (2, 1, 5, w, 1, pad)));
+        }
+        for (n, c, h, w, o, pad) in cases {
+            let g = geom(n, c, h, w, o, pad);
+            let (ho, wo) = (g.ho, g.wo);
             let (th, tw) = (ho.div_ceil(2), wo.div_ceil(2));
             let x = random(n * c * h * w, &mut rng);
             for (q0, r) in [(0, n * th), (1, th), (th - 1, 2)] {

@@ -13,6 +13,7 @@
 
 use std::arch::x86_64::*;
 
+use super::winograd::{runs, Run};
 use super::{Geom, SharedMut};
 
 /// Lanes `l < lanes` whose column `col + l` lies in `0..wd`.
@@ -77,11 +78,7 @@ pub(super) unsafe fn transform_input(
     let lane1 = _mm512_set1_epi32(1);
     let ctp = scratch.as_mut_ptr();
     let vp = v.as_mut_ptr();
-    let mut rr = 0;
-    while rr < r {
-        let q = q0 + rr;
-        let (ni, tr0) = (q / th, q % th);
-        let s = (th - tr0).min(r - rr);
+    for Run { rr, ni, tr0, s } in runs(q0, r, th) {
         let rows = (s + 1) * tw;
         for ci in 0..c {
             let xc = x[(ni * c + ci) * h * wd..][..h * wd].as_ptr();
@@ -161,7 +158,6 @@ pub(super) unsafe fn transform_input(
                 }
             }
         }
-        rr += s;
     }
 }
 
