@@ -38,7 +38,9 @@ use crate::ops::group_norm::multiversion;
 
 /// Tiles per unit to aim for: enough GEMM columns for the kernels to run at
 /// full width, few enough for the transformed patches to stay cache-resident
-/// (`ENSUENO_WINOGRAD_TILES` overrides it, for tuning).
+/// (`ENSUENO_WINOGRAD_TILES` overrides it, for tuning). 192 ran the 28x28
+/// and 14x14 layers of the MNIST UNet 10-20% faster than 384 with the
+/// direct kernel, and the wide layers of SD 1.5 alike (2026-11-23).
 fn tiles_per_unit() -> usize {
     static T: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *T.get_or_init(|| {
