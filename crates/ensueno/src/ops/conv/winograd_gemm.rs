@@ -33,7 +33,9 @@ pub(super) const MR: usize = 8;
 /// Tiles per vector; the row stride `ld` of `V` and `M` is a multiple of it.
 pub(super) const LANES: usize = 16;
 
-/// Whether [`gemm16`] can run on this CPU (AVX-512F).
+/// Whether [`gemm16`] is used: the CPU has AVX-512F, and
+/// `ENSUENO_WINOGRAD_GEMM=0` does not turn it off (for comparisons with the
+/// `gemm` crate's kernels, as in the MAX_FILTERS measurements).
 pub(super) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
