@@ -17,6 +17,13 @@ has no argument for class labels, so this script hands them to the UNet's
 forward, in the pipeline's [negative, positive] batch order; everything else
 is diffusers' own code.
 
+When the model's prompting.json sets `sentence_token`, the UNet
+cross-attends to one more token after the encoder's hidden states: their
+mean over the real tokens (the sentence embedding before normalisation).
+The script builds those states itself and hands them to the pipeline as
+`prompt_embeds` / `negative_prompt_embeds`, diffusers' own arguments for
+precomputed text conditioning.
+
 Run from the repository root:
     /root/venvs/ensueno/bin/python scripts/golden/shipped_text2image.py [MODEL_DIR]
 Outputs go to crates/ensueno/tests/fixtures/shipped/emoji_*.
@@ -47,8 +54,9 @@ CASES = [
 ]
 
 
-def class_labels(pipe, text):
-    """The prompt's class labels [1, D], as ensueno computes them."""
+def hidden_and_mean(pipe, text):
+    """The encoder's hidden states [1, T, D] and their mean over the real
+    tokens [1, D] (sentence-transformers' Pooling(mean))."""
     tok = pipe.tokenizer(
         [text],
         padding="max_length",
@@ -60,7 +68,19 @@ def class_labels(pipe, text):
         hidden = pipe.text_encoder(tok.input_ids, attention_mask=tok.attention_mask)[0]
     mask = tok.attention_mask.unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return hidden, pooled
+
+
+def class_labels(pipe, text):
+    """The prompt's class labels [1, D], as ensueno computes them."""
+    hidden, pooled = hidden_and_mean(pipe, text)
     return torch.nn.functional.normalize(pooled, dim=-1) * hidden.shape[-1] ** 0.5
+
+
+def with_sentence_token(pipe, text):
+    """The hidden states with the sentence token appended, [1, T + 1, D]."""
+    hidden, pooled = hidden_and_mean(pipe, text)
+    return torch.cat([hidden, pooled.unsqueeze(1)], dim=1)
 
 
 def feed_class_labels(pipe, prompt, negative, guidance):
@@ -86,6 +106,11 @@ def main():
     assert type(pipe.tokenizer).__name__ in ("BertTokenizerFast", "BertTokenizer"), type(pipe.tokenizer)
     pipe.set_progress_bar_config(disable=True)
     default_scheduler = pipe.scheduler
+    prompting_path = os.path.join(MODEL, "prompting.json")
+    sentence_token = False
+    if os.path.exists(prompting_path):
+        with open(prompting_path) as f:
+            sentence_token = json.load(f).get("sentence_token", False)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     index = []
     for i, (name, prompt, negative, scheduler, steps, guidance) in enumerate(CASES):
@@ -100,9 +125,13 @@ def main():
         np.save(os.path.join(OUT, f"{name}.latents.npy"), latents.numpy())
         if pipe.unet.config.class_embed_type == "projection":
             feed_class_labels(pipe, prompt, negative, guidance)
+        if sentence_token:
+            text = dict(prompt_embeds=with_sentence_token(pipe, prompt),
+                        negative_prompt_embeds=with_sentence_token(pipe, negative))
+        else:
+            text = dict(prompt=prompt, negative_prompt=negative)
         out = pipe(
-            prompt,
-            negative_prompt=negative,
+            **text,
             num_inference_steps=steps,
             guidance_scale=guidance,
             latents=latents.clone(),
@@ -116,7 +145,8 @@ def main():
                           scheduler=scheduler, steps=steps, guidance_scale=guidance))
         print(name, "image mean", float(image.mean()))
     with open(os.path.join(OUT, "emoji_cases.json"), "w") as f:
-        json.dump(dict(cases=index, torch=torch.__version__, diffusers=diffusers.__version__,
+        json.dump(dict(cases=index, sentence_token=sentence_token,
+                       torch=torch.__version__, diffusers=diffusers.__version__,
                        transformers=transformers.__version__), f, indent=1)
     print("wrote", OUT)
 

@@ -426,4 +426,64 @@ fn sentence_embedding_settings_are_checked() {
     config.recipe.token_dropout = 1.0;
     assert!(config.validate().is_err());
     assert!(sentence_config().validate().is_ok());
+    // The sentence token is the other way to feed the sentence embedding.
+    let mut config = tiny_config();
+    config.recipe.token_dropout = 0.2;
+    config.recipe.sentence_token = true;
+    assert!(config.validate().is_ok());
+}
+
+#[test]
+fn sentence_token_is_the_mean_token_state_in_training_and_generation() {
+    single_thread();
+    let dir = tempfile::tempdir().unwrap();
+    let data = emoji6();
+    let mut config = tiny_config();
+    config.recipe.sentence_token = true;
+    config.recipe.token_dropout = 0.5;
+    config.validate().unwrap();
+    let mut task = new_task(config, &data, 0);
+    let out = dir.path().join("token");
+    let losses = train_task(&mut task, &data, &out, 1, false);
+    assert!(losses[0][0].is_finite());
+    let model = out.join("model");
+    let prompting = PromptingConfig::load(&model).unwrap().unwrap();
+    assert!(prompting.sentence_token);
+
+    // The pipeline appends the mean of the real tokens' states.
+    let (pipe, images) = generate(&model, "a pachyderm", 2);
+    assert_eq!(images.len(), 1);
+    let (hidden, _) = pipe.encode_prompt("a pachyderm", 0).unwrap();
+    assert_eq!(hidden.dims(), &[1, 17, 32]);
+    let tokenizer =
+        tokenizers::Tokenizer::from_file(fixtures().join("bert/tiny/tokenizer.json")).unwrap();
+    let n: u32 = tokenizer
+        .encode("a pachyderm", true)
+        .unwrap()
+        .get_attention_mask()
+        .iter()
+        .sum();
+    assert!(n > 2 && n < 16, "{n} real tokens");
+    let mean = hidden
+        .narrow(1, 0, n as usize)
+        .unwrap()
+        .mean(1)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let last = hidden.narrow(1, 16, 1).unwrap().squeeze(1).unwrap();
+    let last = last.squeeze(0).unwrap();
+    assert!(max_abs(&(&last - &mean).unwrap()) < 1e-5);
+    // Not just any token state: padding changes the mean over all 16.
+    let all = hidden.narrow(1, 0, 16).unwrap().mean(1).unwrap();
+    let all = all.squeeze(0).unwrap();
+    assert!(max_abs(&(&last - &all).unwrap()) > 1e-3);
+
+    // A model saved without the flag conditions on the token states alone.
+    let plain = trained_one_epoch(dir.path());
+    let (pipe, _) = generate(&plain, "a pachyderm", 2);
+    assert_eq!(
+        pipe.encode_prompt("a pachyderm", 0).unwrap().0.dims(),
+        &[1, 16, 32]
+    );
 }

@@ -21,6 +21,12 @@ pub struct PromptingConfig {
     pub style_template: String,
     pub guidance_scale: f64,
     pub num_inference_steps: usize,
+    /// The UNet takes one more text token after the encoder's hidden
+    /// states: their mean over the prompt's real tokens (the sentence
+    /// embedding before normalisation), so that prompts worded differently
+    /// but meaning the same get nearby conditioning.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sentence_token: bool,
 }
 
 /// The prompt of `caption` in `style`, by `template`.
@@ -82,6 +88,7 @@ mod tests {
             style_template: "{caption}, {style} style".into(),
             guidance_scale: 4.0,
             num_inference_steps: 20,
+            sentence_token: false,
         };
         assert_eq!(
             p.apply_style(" elephant ", "Noto").unwrap(),

@@ -16,8 +16,10 @@ use crate::io::images::{image_to_tensor, resize, tensor_to_images};
 use crate::io::model_folder::{in_component, ModelFolder};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::autoencoder_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
+use crate::models::sentence_encoder::l2_normalize;
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::pipelines::latent_preview::LatentPreviewer;
+use crate::pipelines::prompting::{PromptingConfig, PROMPTING_JSON};
 use crate::pipelines::request::{GenerationRequest, Limits};
 use crate::pipelines::text_encoder::{sentence_class_labels, TextEncoder, CLIP_MAX_TOKENS};
 use crate::schedulers::{build_scheduler, Scheduler, SchedulerConfig};
@@ -35,6 +37,9 @@ pub struct StableDiffusionPipeline {
     pub scheduler_config: SchedulerConfig,
     /// A display name for the model (PNG metadata, API listings).
     pub name: String,
+    /// The model's `prompting.json` asks for the sentence token (see
+    /// [`crate::pipelines::prompting::PromptingConfig::sentence_token`]).
+    sentence_token: bool,
     device: Device,
     dtype: DType,
 }
@@ -159,6 +164,16 @@ impl StableDiffusionPipeline {
             }
         }
 
+        let sentence_token =
+            PromptingConfig::load(folder.root())?.is_some_and(|p| p.sentence_token);
+        if sentence_token && !matches!(text_encoder, TextEncoder::Bert { .. }) {
+            return Err(Error::Model {
+                path: folder.root().join(PROMPTING_JSON),
+                message: "sentence_token needs a BERT text encoder (the mean of its token states)"
+                    .into(),
+            });
+        }
+
         let vae = Vae::load(folder, device, dtype)?;
         let scheduler_config = SchedulerConfig::from_file(&folder.config_path("scheduler")?)?;
 
@@ -170,6 +185,7 @@ impl StableDiffusionPipeline {
             unet_config,
             scheduler_config,
             name: folder.name(),
+            sentence_token,
             device: device.clone(),
             dtype,
         })
@@ -213,7 +229,8 @@ impl StableDiffusionPipeline {
 
     /// [`Self::encode_prompt`], and the UNet's class labels `[1, D]` when it
     /// takes them: the prompt's sentence embedding, scaled by
-    /// [`sentence_class_labels`].
+    /// [`sentence_class_labels`]. With the sentence token the hidden states
+    /// are `[1, T + 1, D]`, the mean token state last.
     fn encode_conditioning(
         &self,
         prompt: &str,
@@ -227,10 +244,19 @@ impl StableDiffusionPipeline {
                 "the text encoder was released after use; load the model again to generate more",
             )
         })?;
-        let (hidden, sentence, cut) = if self.unet.class_labels_dim().is_some() {
-            let (hidden, sentence, cut) =
-                encoder.encode_with_sentence_embedding(&[prompt], clip_skip)?;
-            (hidden, Some(sentence_class_labels(&sentence)?), cut)
+        let with_labels = self.unet.class_labels_dim().is_some();
+        let (hidden, sentence, cut) = if with_labels || self.sentence_token {
+            let (hidden, mean, cut) = encoder.encode_with_mean_state(&[prompt], clip_skip)?;
+            let labels = with_labels
+                .then(|| sentence_class_labels(&l2_normalize(&mean)?.to_dtype(hidden.dtype())?))
+                .transpose()?;
+            let hidden = if self.sentence_token {
+                let token = mean.to_dtype(hidden.dtype())?.unsqueeze(1)?;
+                Tensor::cat(&[&hidden, &token], 1)?
+            } else {
+                hidden
+            };
+            (hidden, labels, cut)
         } else {
             let (hidden, cut) = encoder.encode(&[prompt], clip_skip)?;
             (hidden, None, cut)

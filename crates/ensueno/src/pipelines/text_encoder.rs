@@ -217,13 +217,28 @@ impl TextEncoder {
         prompts: &[&str],
         clip_skip: usize,
     ) -> Result<(Tensor, Tensor, Vec<bool>)> {
+        let (hidden, mean, cut) = self.encode_with_mean_state(prompts, clip_skip)?;
+        let sentence = l2_normalize(&mean)?.to_dtype(hidden.dtype())?;
+        Ok((hidden, sentence, cut))
+    }
+
+    /// Encodes prompts to hidden states `[B, max_length, D]` and their mean
+    /// over the real tokens `[B, D]` in f32, not normalised: the vector
+    /// [`Self::encode_with_sentence_embedding`] scales to unit length, at
+    /// the scale of the token states themselves (so that a cross-attention
+    /// layer trained on token states can take it as one more token).
+    /// BERT encoders only.
+    pub fn encode_with_mean_state(
+        &self,
+        prompts: &[&str],
+        clip_skip: usize,
+    ) -> Result<(Tensor, Tensor, Vec<bool>)> {
         if prompts.is_empty() {
             return Err(Error::invalid("text encoder: no prompts given"));
         }
         let (hidden, mask, cut) = self.encode_bert(prompts, clip_skip)?;
-        let pooled = pool(&hidden, &mask, Pooling::Mean)?;
-        let sentence = l2_normalize(&pooled)?.to_dtype(hidden.dtype())?;
-        Ok((hidden, sentence, cut))
+        let mean = pool(&hidden, &mask, Pooling::Mean)?;
+        Ok((hidden, mean, cut))
     }
 
     /// BERT hidden states, the attention mask and the truncation flags.

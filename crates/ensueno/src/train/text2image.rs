@@ -33,6 +33,7 @@ use super::{prefixed, strip_prefix, Batch, Ema, EpochContext, ParamStore, StepCo
 use crate::data::ImageDataset;
 use crate::io::atomic::write_json;
 use crate::models::autoencoder_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
+use crate::models::sentence_encoder::l2_normalize;
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::ops::adamw::AdamW;
 pub use crate::pipelines::prompting::{styled_prompt, PromptingConfig, PROMPTING_JSON};
@@ -75,13 +76,19 @@ pub struct Text2ImageRecipe {
     pub cond_dropout: f64,
     /// Probability of leaving the style out of the prompt.
     pub style_dropout: f64,
-    /// For a UNet with a class embedding (fed the prompt's sentence
-    /// embedding): probability of giving it the empty prompt's token states
-    /// with the prompt's sentence embedding, so that it learns to draw from
-    /// the sentence embedding alone, the part of the text conditioning that
-    /// places paraphrases near each other.
+    /// For a UNet fed the prompt's sentence embedding (as its class
+    /// embedding, or as the sentence token): probability of giving it the
+    /// empty prompt's token states with the prompt's sentence embedding, so
+    /// that it learns to draw from the sentence embedding alone, the part of
+    /// the text conditioning that places paraphrases near each other.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub token_dropout: f64,
+    /// Append one token to the text the UNet cross-attends to: the mean of
+    /// the prompt's token states (its sentence embedding before
+    /// normalisation). Saved in the model's `prompting.json`, so that
+    /// `ensueno generate` conditions the same way.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sentence_token: bool,
     pub ema_decay: f64,
     pub weight_decay: f64,
     pub lr_warmup_steps: usize,
@@ -123,11 +130,10 @@ impl Text2ImageConfig {
             self.unet.class_embed_type.as_deref(),
             self.unet.projection_class_embeddings_input_dim,
         ) {
-            (None, _) if r.token_dropout > 0.0 => {
-                return Err(Error::invalid(
-                    "token_dropout needs a UNet with a class embedding (class_embed_type \"projection\")",
-                ))
-            }
+            (None, _) if r.token_dropout > 0.0 && !r.sentence_token => return Err(Error::invalid(
+                "token_dropout needs the sentence embedding: set sentence_token, or give the UNet \
+                     a class embedding (class_embed_type \"projection\")",
+            )),
             (None, _) => {}
             (Some("projection"), Some(d)) if d == cross => {}
             _ => {
@@ -325,6 +331,9 @@ pub struct Text2ImageTask {
     /// The class labels of every distinct prompt (scaled sentence
     /// embeddings), [P, D], when the UNet has a class embedding.
     sentence: Option<Tensor>,
+    /// The sentence token of every distinct prompt, [P, 1, D], when the
+    /// recipe asks for it.
+    sentence_tokens: Option<Tensor>,
     /// For each image: (styled prompt, plain caption) rows of `text_states`.
     prompt_rows: Vec<(u32, u32)>,
     /// The empty prompt's row.
@@ -411,15 +420,21 @@ impl Text2ImageTask {
 
         let chunk = 64;
         let with_sentence = config.unet.class_embed_type.is_some();
+        let with_token = recipe.sentence_token;
         let mut states = Vec::with_capacity(prompts.len().div_ceil(chunk));
         let mut sentences = Vec::new();
+        let mut tokens = Vec::new();
         for (i, part) in prompts.chunks(chunk).enumerate() {
             let refs: Vec<&str> = part.iter().map(String::as_str).collect();
-            if with_sentence {
-                let (hidden, sentence, _) =
-                    text_encoder.encode_with_sentence_embedding(&refs, 0)?;
+            if with_sentence || with_token {
+                let (hidden, mean, _) = text_encoder.encode_with_mean_state(&refs, 0)?;
+                if with_sentence {
+                    sentences.push(sentence_class_labels(&l2_normalize(&mean)?)?);
+                }
+                if with_token {
+                    tokens.push(mean.unsqueeze(1)?);
+                }
                 states.push(hidden);
-                sentences.push(sentence_class_labels(&sentence)?);
             } else {
                 states.push(text_encoder.encode(&refs, 0)?.0);
             }
@@ -433,6 +448,7 @@ impl Text2ImageTask {
         let sentence = with_sentence
             .then(|| Tensor::cat(&sentences, 0))
             .transpose()?;
+        let sentence_tokens = with_token.then(|| Tensor::cat(&tokens, 0)).transpose()?;
         drop(text_encoder);
 
         let taesd = frozen.load_vae(device)?;
@@ -475,6 +491,7 @@ impl Text2ImageTask {
             latents,
             text_states,
             sentence,
+            sentence_tokens,
             prompt_rows,
             null_row,
             styles,
@@ -578,11 +595,15 @@ impl TrainTask for Text2ImageTask {
                 }
             })
             .collect();
-        let context = self
+        let rows_t = Tensor::new(rows.as_slice(), &self.device)?;
+        let mut context = self
             .text_states
             .index_select(&Tensor::new(token_rows.as_slice(), &self.device)?, 0)?;
+        if let Some(tokens) = &self.sentence_tokens {
+            context = Tensor::cat(&[&context, &tokens.index_select(&rows_t, 0)?], 1)?;
+        }
         let class_labels = match &self.sentence {
-            Some(s) => Some(s.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?),
+            Some(s) => Some(s.index_select(&rows_t, 0)?),
             None => None,
         };
         let (xt, t) = self.forward.noise(&x0, &noise, &ts, &self.device)?;
@@ -830,6 +851,7 @@ pub fn save_pipeline_folder(
             style_template: recipe.style_template.clone(),
             guidance_scale: recipe.guidance_scale,
             num_inference_steps: recipe.sample_steps,
+            sentence_token: recipe.sentence_token,
         })?,
     )
 }
