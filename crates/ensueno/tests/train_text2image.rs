@@ -431,6 +431,14 @@ fn sentence_embedding_settings_are_checked() {
     config.recipe.token_dropout = 0.2;
     config.recipe.sentence_token = true;
     assert!(config.validate().is_ok());
+    config.recipe.sentence_token_noise = 0.1;
+    assert!(config.validate().is_ok());
+    config.recipe.sentence_token_noise = f64::NAN;
+    assert!(config.validate().is_err());
+    config.recipe.sentence_token_noise = 0.1;
+    config.recipe.sentence_token = false;
+    let e = config.validate().unwrap_err().to_string();
+    assert!(e.contains("sentence_token_noise"), "{e}");
 }
 
 #[test]
@@ -449,6 +457,17 @@ fn sentence_token_is_the_mean_token_state_in_training_and_generation() {
     let model = out.join("model");
     let prompting = PromptingConfig::load(&model).unwrap().unwrap();
     assert!(prompting.sentence_token);
+
+    // Noise on the sentence token changes what the UNet sees in training,
+    // and only that: the same seeds give other losses.
+    let mut noisy = tiny_config();
+    noisy.recipe.sentence_token = true;
+    noisy.recipe.token_dropout = 0.5;
+    noisy.recipe.sentence_token_noise = 0.5;
+    let mut task = new_task(noisy, &data, 0);
+    let noisy_losses = train_task(&mut task, &data, &dir.path().join("noisy"), 1, false);
+    assert!(noisy_losses[0][0].is_finite());
+    assert_ne!(noisy_losses[0][0], losses[0][0]);
 
     // The pipeline appends the mean of the real tokens' states.
     let (pipe, images) = generate(&model, "a pachyderm", 2);
