@@ -28,19 +28,32 @@ for i in $(seq "$RUNS"); do
 done
 
 theirs=$("$PY" - "$MODEL" "$RUNS" "$THREADS" "$WORK" <<'PYEOF'
-import sys, time
+import json, os, sys, time
 t0 = time.time()
 import torch
 from diffusers import StableDiffusionPipeline
 import_s = time.time() - t0
 model, runs, threads, work = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 torch.set_num_threads(threads)
+prompting = os.path.join(model, "prompting.json")
+sentence_token = os.path.exists(prompting) and json.load(open(prompting)).get("sentence_token", False)
 best = 1e9
 for i in range(runs):
     s = time.time()
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("an elephant", num_inference_steps=20, guidance_scale=4.0,
+    text = dict(prompt="an elephant")
+    if sentence_token:
+        # The same conditioning as ensueno's: the mean token state appended.
+        def embeds(t):
+            tok = pipe.tokenizer([t], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt")
+            with torch.no_grad():
+                hidden = pipe.text_encoder(tok.input_ids, attention_mask=tok.attention_mask)[0]
+            mask = tok.attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return torch.cat([hidden, ((hidden * mask).sum(1) / mask.sum(1)).unsqueeze(1)], 1)
+        text = dict(prompt_embeds=embeds("an elephant"), negative_prompt_embeds=embeds(""))
+    image = pipe(**text, num_inference_steps=20, guidance_scale=4.0,
                  generator=torch.Generator().manual_seed(i)).images[0]
     image.save(f"{work}/d.png")
     best = min(best, time.time() - s)
