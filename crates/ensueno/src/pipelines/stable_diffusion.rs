@@ -16,7 +16,6 @@ use crate::io::images::{image_to_tensor, resize, tensor_to_images};
 use crate::io::model_folder::{in_component, ModelFolder};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::autoencoder_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
-use crate::models::sentence_encoder::l2_normalize;
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::pipelines::latent_preview::LatentPreviewer;
 use crate::pipelines::prompting::{PromptingConfig, PROMPTING_JSON};
@@ -248,7 +247,9 @@ impl StableDiffusionPipeline {
         let (hidden, sentence, cut) = if with_labels || self.sentence_token {
             let (hidden, mean, cut) = encoder.encode_with_mean_state(&[prompt], clip_skip)?;
             let labels = with_labels
-                .then(|| sentence_class_labels(&l2_normalize(&mean)?.to_dtype(hidden.dtype())?))
+                .then(|| -> Result<Tensor> {
+                    Ok(sentence_class_labels(&mean)?.to_dtype(hidden.dtype())?)
+                })
                 .transpose()?;
             let hidden = if self.sentence_token {
                 let token = mean.to_dtype(hidden.dtype())?.unsqueeze(1)?;

@@ -206,28 +206,14 @@ impl TextEncoder {
         }
     }
 
-    /// Encodes prompts to hidden states `[B, max_length, D]` and sentence
-    /// embeddings `[B, D]`: the token states averaged over the real tokens
-    /// and scaled to unit length, as sentence-transformers' Pooling(mean) +
-    /// Normalize make all-MiniLM-L6-v2's sentence vectors. Paraphrases land
-    /// near each other in that space, which is what it was trained for.
-    /// BERT encoders only (which refuse a `clip_skip` but 0, as [`Self::encode`]).
-    pub fn encode_with_sentence_embedding(
-        &self,
-        prompts: &[&str],
-        clip_skip: usize,
-    ) -> Result<(Tensor, Tensor, Vec<bool>)> {
-        let (hidden, mean, cut) = self.encode_with_mean_state(prompts, clip_skip)?;
-        let sentence = l2_normalize(&mean)?.to_dtype(hidden.dtype())?;
-        Ok((hidden, sentence, cut))
-    }
-
     /// Encodes prompts to hidden states `[B, max_length, D]` and their mean
-    /// over the real tokens `[B, D]` in f32, not normalised: the vector
-    /// [`Self::encode_with_sentence_embedding`] scales to unit length, at
-    /// the scale of the token states themselves (so that a cross-attention
-    /// layer trained on token states can take it as one more token).
-    /// BERT encoders only.
+    /// over the real tokens `[B, D]` in f32: sentence-transformers'
+    /// Pooling(mean), which Normalize scales into all-MiniLM-L6-v2's
+    /// sentence vector (paraphrases land near each other there, which is
+    /// what it was trained for). Left unnormalised it is at the scale of the
+    /// token states themselves, so a cross-attention layer trained on token
+    /// states takes it as one more token. BERT encoders only (which refuse a
+    /// `clip_skip` but 0, as [`Self::encode`]).
     pub fn encode_with_mean_state(
         &self,
         prompts: &[&str],
@@ -289,16 +275,17 @@ impl TextEncoder {
     }
 }
 
-/// The class labels a UNet with a class embedding gets for a prompt: its
-/// unit sentence embedding times `sqrt(D)`, so that its entries have unit
+/// The class labels a UNet with a class embedding gets for a prompt, from
+/// its mean token state ([`TextEncoder::encode_with_mean_state`]): the unit
+/// sentence embedding times `sqrt(D)`, so that its entries have unit
 /// variance (the scale a linear layer's default initialisation assumes)
 /// rather than about `1/sqrt(D)`.
 ///
 /// # Shapes
 /// `[B, D]` -> `[B, D]`
-pub fn sentence_class_labels(sentence: &Tensor) -> Result<Tensor> {
-    let d = sentence.dim(candle_core::D::Minus1)?;
-    Ok((sentence * (d as f64).sqrt())?)
+pub fn sentence_class_labels(mean_state: &Tensor) -> Result<Tensor> {
+    let d = mean_state.dim(candle_core::D::Minus1)?;
+    Ok((l2_normalize(mean_state)? * (d as f64).sqrt())?)
 }
 
 /// `model_max_length` from a transformers tokenizer folder (512 when absent,

@@ -33,7 +33,6 @@ use super::{prefixed, strip_prefix, Batch, Ema, EpochContext, ParamStore, StepCo
 use crate::data::ImageDataset;
 use crate::io::atomic::write_json;
 use crate::models::autoencoder_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
-use crate::models::sentence_encoder::l2_normalize;
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::ops::adamw::AdamW;
 pub use crate::pipelines::prompting::{styled_prompt, PromptingConfig, PROMPTING_JSON};
@@ -446,7 +445,7 @@ impl Text2ImageTask {
             if with_sentence || with_token {
                 let (hidden, mean, _) = text_encoder.encode_with_mean_state(&refs, 0)?;
                 if with_sentence {
-                    sentences.push(sentence_class_labels(&l2_normalize(&mean)?)?);
+                    sentences.push(sentence_class_labels(&mean)?);
                 }
                 if with_token {
                     tokens.push(mean.unsqueeze(1)?);
