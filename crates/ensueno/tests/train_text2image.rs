@@ -506,3 +506,59 @@ fn sentence_token_is_the_mean_token_state_in_training_and_generation() {
         &[1, 16, 32]
     );
 }
+
+#[test]
+fn caption_word_dropout_trains_on_shorter_wordings() {
+    single_thread();
+    let dir = tempfile::tempdir().unwrap();
+    let data = emoji6();
+    let plain = new_task(tiny_config(), &data, 0);
+    let mut config = tiny_config();
+    config.recipe.caption_variant_prob = 0.5;
+    config.recipe.caption_variants = 2;
+    config.recipe.caption_word_dropout = 0.5;
+    config.validate().unwrap();
+    let mut task = new_task(config.clone(), &data, 0);
+    // The wordings are encoded once, beside the captions: at least one
+    // more prompt for each multi-word caption, at most two per caption in
+    // each of its forms (with and without the style).
+    let captions = data.captions.as_ref().unwrap();
+    let multi_word = captions
+        .iter()
+        .filter(|c| c.split_whitespace().count() > 1)
+        .count();
+    assert!(multi_word > 0);
+    assert!(task.num_prompts() >= plain.num_prompts() + multi_word);
+    assert!(task.num_prompts() <= plain.num_prompts() + 2 * 3 * captions.len());
+    let losses = train_task(&mut task, &data, &dir.path().join("words"), 1, false);
+    let mut plain = plain;
+    let plain_losses = train_task(&mut plain, &data, &dir.path().join("plain"), 1, false);
+    assert!(losses[0][0].is_finite());
+    assert_ne!(losses[0][0], plain_losses[0][0]);
+    // The same seed draws the same wordings and steps again.
+    let mut again = new_task(config, &data, 0);
+    let again_losses = train_task(&mut again, &data, &dir.path().join("again"), 1, false);
+    assert_eq!(again_losses, losses);
+}
+
+#[test]
+fn caption_word_dropout_settings_are_checked() {
+    let mut config = tiny_config();
+    config.recipe.caption_variant_prob = 0.3;
+    let e = config.validate().unwrap_err().to_string();
+    assert!(e.contains("caption_variants"), "{e}");
+    config.recipe.caption_variants = 3;
+    assert!(config.validate().is_err(), "no word dropout");
+    config.recipe.caption_word_dropout = 1.0;
+    assert!(config.validate().is_err());
+    config.recipe.caption_word_dropout = 0.4;
+    assert!(config.validate().is_ok());
+    config.recipe.caption_variant_prob = 1.0;
+    assert!(config.validate().is_err());
+    config.recipe.caption_variant_prob = f64::NAN;
+    assert!(config.validate().is_err());
+    config.recipe.caption_variant_prob = 0.3;
+    config.recipe.caption_variants = 1000;
+    let e = config.validate().unwrap_err().to_string();
+    assert!(e.contains("at most 64"), "{e}");
+}

@@ -10,8 +10,11 @@
 //! - a folder of images (`png`, `jpg`, `jpeg`, `webp`) with `.txt` caption
 //!   sidecars ([`image_folder`]).
 //!
+//! Captions can be varied for training ([`caption_dropout`]).
+//!
 //! Every image is kept as `u8` in CHW order; batches become `f32` in [0, 1].
 
+pub mod caption_dropout;
 pub mod fetch;
 pub mod idx;
 pub mod image_folder;

@@ -25,11 +25,12 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, ParamsAdamW};
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::forward_process::{warmup_lr, with_diffusers_class, ForwardProcess};
 use super::{prefixed, strip_prefix, Batch, Ema, EpochContext, ParamStore, StepContext, TrainTask};
+use crate::data::caption_dropout::caption_variants;
 use crate::data::ImageDataset;
 use crate::io::atomic::write_json;
 use crate::models::autoencoder_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
@@ -97,6 +98,21 @@ pub struct Text2ImageRecipe {
     /// rather than from the exact vector.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub sentence_token_noise: f64,
+    /// Probability of training a step on a shorter wording of the image's
+    /// caption instead of the caption itself: one of `caption_variants`
+    /// wordings made once, before training, by leaving each word out with
+    /// probability `caption_word_dropout`
+    /// ([`crate::data::caption_dropout`]). People name an emoji with part
+    /// of its caption's words ("black joker" for "playing card black
+    /// joker"); this teaches the UNet to draw from part of a caption.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub caption_variant_prob: f64,
+    /// Wordings made per caption (fewer for captions of few words).
+    #[serde(default, skip_serializing_if = "is_zero_count")]
+    pub caption_variants: usize,
+    /// Probability of leaving out each word of a caption in a wording.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub caption_word_dropout: f64,
     pub ema_decay: f64,
     pub weight_decay: f64,
     pub lr_warmup_steps: usize,
@@ -136,6 +152,22 @@ impl Text2ImageConfig {
         if !(r.sentence_token_noise >= 0.0 && r.sentence_token_noise.is_finite()) {
             return Err(Error::invalid(
                 "sentence_token_noise must be a finite number >= 0",
+            ));
+        }
+        if !(0.0..1.0).contains(&r.caption_variant_prob) {
+            return Err(Error::invalid("caption_variant_prob must be in [0, 1)"));
+        }
+        if r.caption_variant_prob > 0.0
+            && (r.caption_variants == 0
+                || !(r.caption_word_dropout > 0.0 && r.caption_word_dropout < 1.0))
+        {
+            return Err(Error::invalid(
+                "caption_variant_prob needs caption_variants >= 1 and caption_word_dropout in (0, 1)",
+            ));
+        }
+        if r.caption_variants > 64 {
+            return Err(Error::invalid(
+                "caption_variants must be at most 64 (every wording is encoded and kept in memory)",
             ));
         }
         if r.sentence_token_noise > 0.0 && !r.sentence_token {
@@ -352,6 +384,9 @@ pub struct Text2ImageTask {
     sentence_tokens: Option<Tensor>,
     /// For each image: (styled prompt, plain caption) rows of `text_states`.
     prompt_rows: Vec<(u32, u32)>,
+    /// For each image: the same rows for each shorter wording of its
+    /// caption (empty when the recipe makes none).
+    variant_rows: Vec<Vec<(u32, u32)>>,
     /// The empty prompt's row.
     null_row: u32,
     styles: Vec<String>,
@@ -415,24 +450,50 @@ impl Text2ImageTask {
             })
         };
         let null_row = row_of(String::new(), &mut prompts);
-        let prompt_rows: Vec<(u32, u32)> = (0..data.len())
-            .map(|i| {
-                let caption = captions[i].trim().to_string();
-                let style = data
-                    .sources
-                    .get(i)
-                    .map(|s| style_name(s))
-                    .unwrap_or_default();
-                let styled = if style.is_empty() {
-                    caption.clone()
-                } else {
-                    styled_prompt(&recipe.style_template, &caption, &style)
-                };
-                let s = row_of(styled, &mut prompts);
-                let p = row_of(caption, &mut prompts);
-                (s, p)
-            })
-            .collect();
+        let mut rows_for = |caption: String, style: &str, prompts: &mut Vec<String>| {
+            let styled = if style.is_empty() {
+                caption.clone()
+            } else {
+                styled_prompt(&recipe.style_template, &caption, style)
+            };
+            (row_of(styled, prompts), row_of(caption, prompts))
+        };
+        // The wordings of each distinct caption, drawn once from the run's
+        // seed, so that both styles of an emoji share them.
+        let mut wordings: HashMap<String, Vec<String>> = HashMap::new();
+        let mut wording_rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_ca97);
+        let mut prompt_rows = Vec::with_capacity(data.len());
+        let mut variant_rows = Vec::with_capacity(data.len());
+        for (i, caption) in captions.iter().enumerate().take(data.len()) {
+            let caption = caption.trim().to_string();
+            let style = data
+                .sources
+                .get(i)
+                .map(|s| style_name(s))
+                .unwrap_or_default();
+            let variants = if recipe.caption_variant_prob > 0.0 {
+                wordings
+                    .entry(caption.clone())
+                    .or_insert_with(|| {
+                        caption_variants(
+                            &caption,
+                            recipe.caption_word_dropout,
+                            recipe.caption_variants,
+                            &mut wording_rng,
+                        )
+                    })
+                    .clone()
+            } else {
+                Vec::new()
+            };
+            prompt_rows.push(rows_for(caption, &style, &mut prompts));
+            variant_rows.push(
+                variants
+                    .into_iter()
+                    .map(|v| rows_for(v, &style, &mut prompts))
+                    .collect::<Vec<_>>(),
+            );
+        }
 
         let chunk = 64;
         let with_sentence = config.unet.class_embed_type.is_some();
@@ -509,6 +570,7 @@ impl Text2ImageTask {
             sentence,
             sentence_tokens,
             prompt_rows,
+            variant_rows,
             null_row,
             styles,
             device: device.clone(),
@@ -585,11 +647,19 @@ impl TrainTask for Text2ImageTask {
         let t_count = recipe.num_train_timesteps;
         let ts: Vec<usize> = (0..b).map(|_| rng.random_range(0..t_count)).collect();
         let mut drop = ctx.uniform_rng(2);
+        let mut wording = ctx.uniform_rng(5);
         let rows: Vec<u32> = batch
             .indices
             .iter()
             .map(|&i| {
-                let (styled, plain) = self.prompt_rows[i];
+                let variants = &self.variant_rows[i];
+                let (styled, plain) = if !variants.is_empty()
+                    && wording.random::<f64>() < recipe.caption_variant_prob
+                {
+                    variants[wording.random_range(0..variants.len())]
+                } else {
+                    self.prompt_rows[i]
+                };
                 let u = drop.random::<f64>();
                 if u < recipe.cond_dropout {
                     self.null_row
@@ -716,6 +786,10 @@ fn cross_attention_width(unet: &UNet2DConditionConfig) -> usize {
 
 fn is_zero(v: &f64) -> bool {
     *v == 0.0
+}
+
+fn is_zero_count(v: &usize) -> bool {
+    *v == 0
 }
 
 /// Every tensor of a component folder's weight files, on the CPU in their
