@@ -551,6 +551,8 @@ fn caption_word_dropout_settings_are_checked() {
     assert!(config.validate().is_err(), "no word dropout");
     config.recipe.caption_word_dropout = 1.0;
     assert!(config.validate().is_err());
+    config.recipe.caption_word_dropout = f64::NAN;
+    assert!(config.validate().is_err());
     config.recipe.caption_word_dropout = 0.4;
     assert!(config.validate().is_ok());
     config.recipe.caption_variant_prob = 1.0;

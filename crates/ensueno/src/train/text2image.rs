@@ -157,9 +157,11 @@ impl Text2ImageConfig {
         if !(0.0..1.0).contains(&r.caption_variant_prob) {
             return Err(Error::invalid("caption_variant_prob must be in [0, 1)"));
         }
+        if !(0.0..1.0).contains(&r.caption_word_dropout) {
+            return Err(Error::invalid("caption_word_dropout must be in [0, 1)"));
+        }
         if r.caption_variant_prob > 0.0
-            && (r.caption_variants == 0
-                || !(r.caption_word_dropout > 0.0 && r.caption_word_dropout < 1.0))
+            && (r.caption_variants == 0 || r.caption_word_dropout == 0.0)
         {
             return Err(Error::invalid(
                 "caption_variant_prob needs caption_variants >= 1 and caption_word_dropout in (0, 1)",
