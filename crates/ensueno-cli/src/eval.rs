@@ -27,11 +27,19 @@ enum EvalKind {
     /// Text-to-image retrieval: generate for training captions and unseen paraphrases, and check
     /// that the nearest real image (of all, per style) is the one named (top-1 / top-5).
     Text2image(crate::eval_text2image::Text2ImageEvalArgs),
+    /// Zero-shot retrieval of a CLIP trained by `ensueno train clip`: caption or paraphrase ->
+    /// image and image -> caption, among every item of the style (top-1 / top-5).
+    Clip(crate::eval_clip::EncoderEvalArgs),
+    /// Whether paraphrases land near their captions in a text encoder's sentence embeddings
+    /// (a CLIP from `ensueno train clip`, or a BERT sentence encoder such as all-MiniLM-L6-v2).
+    TextEncoder(crate::eval_clip::EncoderEvalArgs),
 }
 
 pub fn run(command: EvalCommand) -> Result<()> {
     match command.kind {
         Some(EvalKind::Text2image(args)) => crate::eval_text2image::run(args),
+        Some(EvalKind::Clip(args)) => crate::eval_clip::run_clip(args),
+        Some(EvalKind::TextEncoder(args)) => crate::eval_clip::run_text_encoder(args),
         None => run_classes(command.classes),
     }
 }

@@ -26,17 +26,8 @@ pub struct Text2ImageEvalArgs {
     /// The model (default: ensueno's own, models/emoji-text2image).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// The captioned images it was trained on (default: $ENSUENO_DATA/emoji).
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Cases per set (training captions, paraphrases) and style.
-    #[arg(long, default_value_t = 100)]
-    n: usize,
-    /// A JSON list of {"key", "text"} paraphrases (default: the emoji list shipped with ensueno).
-    #[arg(long)]
-    paraphrases: Option<PathBuf>,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    cases: CaseArgs,
     /// Denoising steps (default: the model's).
     #[arg(long)]
     steps: Option<usize>,
@@ -52,6 +43,61 @@ pub struct Text2ImageEvalArgs {
     device: Option<DeviceArg>,
 }
 
+/// The flags that choose the evaluation cases, shared by `eval text2image`,
+/// `eval clip` and `eval text-encoder`.
+#[derive(Args, Clone)]
+pub struct CaseArgs {
+    /// The captioned images (default: $ENSUENO_DATA/emoji).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Cases per set (training captions, paraphrases) and style.
+    #[arg(long, default_value_t = 100)]
+    pub n: usize,
+    /// A JSON list of {"key", "text"} paraphrases (default: the emoji list shipped with ensueno).
+    #[arg(long)]
+    pub paraphrases: Option<PathBuf>,
+    /// Which cases are drawn.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Loads the data and draws the cases: `n` training captions and `n`
+/// paraphrases per style (`styles`, or every style the data holds).
+pub fn load_cases(
+    args: &CaseArgs,
+    options: &LoadOptions,
+    styles: Option<&[String]>,
+) -> Result<(
+    ensueno::data::ImageDataset,
+    Vec<ensueno::eval::retrieval::RetrievalCase>,
+)> {
+    let hand_written: Vec<Paraphrase> = match &args.paraphrases {
+        Some(p) => ensueno::io::model_folder::read_json(p)?,
+        None => serde_json::from_str(EMOJI_PARAPHRASES).context("the shipped paraphrase list")?,
+    };
+    let path = data::resolve_data_path(args.data.as_deref(), "emoji")?;
+    let data =
+        data::open(&path, options).with_context(|| format!("cannot load {}", path.display()))?;
+    let styles = match styles {
+        Some(s) => s.to_vec(),
+        None => {
+            let mut s: Vec<String> = data.sources.iter().map(|s| style_name(s)).collect();
+            s.sort();
+            s.dedup();
+            s
+        }
+    };
+    let cases = build_cases(
+        &data,
+        &styles,
+        &|s: &str| style_name(s),
+        &hand_written,
+        args.n,
+        args.seed,
+    )?;
+    Ok((data, cases))
+}
+
 pub fn run(args: Text2ImageEvalArgs) -> Result<()> {
     let root = match &args.model {
         Some(m) => m.clone(),
@@ -59,21 +105,11 @@ pub fn run(args: Text2ImageEvalArgs) -> Result<()> {
     };
     let prompting = PromptingConfig::load(&root)?
         .ok_or_else(|| no_styles_error(&root.display().to_string()))?;
-    let hand_written: Vec<Paraphrase> = match &args.paraphrases {
-        Some(p) => ensueno::io::model_folder::read_json(p)?,
-        None => serde_json::from_str(EMOJI_PARAPHRASES).context("the shipped paraphrase list")?,
-    };
-    let path = data::resolve_data_path(args.data.as_deref(), "emoji")?;
-    let data = data::open(&path, &LoadOptions::default())
-        .with_context(|| format!("cannot load {}", path.display()))?;
     let style_of = |s: &str| style_name(s);
-    let cases = build_cases(
-        &data,
-        &prompting.styles,
-        &style_of,
-        &hand_written,
-        args.n,
-        args.seed,
+    let (data, cases) = load_cases(
+        &args.cases,
+        &LoadOptions::default(),
+        Some(&prompting.styles),
     )?;
 
     let device = pick_device(args.device)?;
@@ -87,7 +123,7 @@ pub fn run(args: Text2ImageEvalArgs) -> Result<()> {
         steps: args.steps.unwrap_or(prompting.num_inference_steps),
         guidance_scale: args.guidance_scale.unwrap_or(prompting.guidance_scale),
         scheduler: args.scheduler,
-        seed: args.seed,
+        seed: args.cases.seed,
     };
     eprintln!(
         "generating {} images ({} steps, guidance {}) and ranking each among the {} images of its style",

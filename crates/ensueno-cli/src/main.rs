@@ -2,6 +2,7 @@
 
 mod data;
 mod eval;
+mod eval_clip;
 mod eval_text2image;
 mod export;
 mod generate;
@@ -31,12 +32,12 @@ struct Cli {
 enum Command {
     /// Generate images from a text prompt (txt2img), or from an image and a prompt (img2img).
     Generate(Box<generate::GenerateArgs>),
-    /// Train a model from scratch (diffusion, vae, gan).
+    /// Train a model from scratch (diffusion, vae, gan, text2image, clip, classifier).
     #[command(subcommand)]
     Train(train::TrainCommand),
     /// Sample a model trained by `ensueno train` (a class, a prompt naming a class, or unconditional).
     Sample(sample::SampleArgs),
-    /// Score a model: class-conditional (classifier accuracy, classifier-FID) or `eval text2image` (retrieval).
+    /// Score a model: class-conditional (classifier accuracy, classifier-FID) `eval text2image` (retrieval), `eval clip` (zero-shot retrieval), `eval text-encoder`.
     Eval(eval::EvalCommand),
     /// Copy a trained model folder, converting its weights (e.g. --dtype f16).
     Export(export::ExportArgs),

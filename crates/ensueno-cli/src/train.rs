@@ -27,8 +27,11 @@ pub enum TrainCommand {
     Vae(VaeArgs),
     /// DCGAN, class-conditional unless --unconditional (non-saturating loss, Adam 2e-4, beta1 0.5).
     Gan(GanArgs),
-    /// Latent text-to-image diffusion (frozen MiniLM text encoder + TAESD, cross-attention UNet), from a config file.
+    /// Latent text-to-image diffusion (frozen text encoder, MiniLM or CLIP, + TAESD, cross-attention UNet), from a config file.
     Text2image(Text2ImageArgs),
+    /// CLIP from scratch on captioned images (text transformer + ViT, symmetric InfoNCE), from a
+    /// config file; saved as a transformers CLIPModel folder.
+    Clip(ClipArgs),
     /// The scoring classifier for `ensueno eval` (the shared MNIST classifier's architecture), e.g. for Fashion-MNIST.
     Classifier(ClassifierArgs),
 }
@@ -118,6 +121,7 @@ pub fn run(command: TrainCommand) -> Result<()> {
     match command {
         TrainCommand::Diffusion(args) => train_diffusion(args),
         TrainCommand::Classifier(args) => train_classifier(args),
+        TrainCommand::Clip(args) => train_clip(args),
         TrainCommand::Vae(args) => train_vae(args),
         TrainCommand::Gan(args) => train_gan(args),
         TrainCommand::Text2image(args) => train_text2image(args),
@@ -272,26 +276,11 @@ fn train_diffusion(args: DiffusionArgs) -> Result<()> {
     train_and_report(&mut task, &what, &data, &options, &device)
 }
 
+/// The run flags of the trainers driven by a config file (`train text2image`,
+/// `train clip`): each overrides the config's `training` value.
 #[derive(Args)]
-pub struct Text2ImageArgs {
-    /// The training config (UNet, recipe, run defaults), e.g. configs/text2image-emoji.json.
-    #[arg(long)]
-    config: PathBuf,
-    /// Captioned images: a WebDataset .tar, a folder of tars (each tar's name is a style), or a
-    /// folder of images with .txt captions. Default: $ENSUENO_DATA/emoji.
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// The frozen text encoder: a sentence-transformers BERT folder (all-MiniLM-L6-v2), or a
-    /// diffusers pipeline folder whose text_encoder/, tokenizer/ and vae/ are used.
-    /// Default: ensueno's shipped model (models/emoji-text2image), which holds all three.
-    #[arg(long, env = "ENSUENO_TEXT_ENCODER")]
-    text_encoder: Option<PathBuf>,
-    /// The frozen autoencoder: a folder with taesd_encoder.safetensors and
-    /// taesd_decoder.safetensors, or a diffusers AutoencoderTiny folder.
-    /// Default: the vae/ of the --text-encoder pipeline folder.
-    #[arg(long, env = "ENSUENO_TAESD")]
-    taesd: Option<PathBuf>,
-    /// Checkpoints, loss curves, sample grids and model/ go here.
+pub struct ConfigRunArgs {
+    /// Checkpoints, loss curves, samples or scores, and model/ go here.
     #[arg(long, short)]
     output: PathBuf,
     /// Epochs (default: the config's).
@@ -309,11 +298,6 @@ pub struct Text2ImageArgs {
     /// Continue the run in --output from its latest checkpoint.
     #[arg(long)]
     resume: bool,
-    /// Start from these UNet weights instead of random ones: a diffusers
-    /// unet/ folder or a pipeline folder (e.g. models/emoji-text2image).
-    /// Optimizer state and EMA start fresh.
-    #[arg(long, value_name = "DIR", conflicts_with = "resume")]
-    init_unet: Option<PathBuf>,
     /// Stop each epoch after this many batches (quick trials).
     #[arg(long)]
     max_steps_per_epoch: Option<usize>,
@@ -322,23 +306,58 @@ pub struct Text2ImageArgs {
     device: Option<DeviceArg>,
 }
 
+impl ConfigRunArgs {
+    fn options(&self, run: &ensueno::train::text2image::RunDefaults) -> TrainOptions {
+        TrainOptions {
+            epochs: self.epochs.unwrap_or(run.epochs),
+            batch_size: self.batch_size.unwrap_or(run.batch_size),
+            lr: self.lr.unwrap_or(run.lr),
+            seed: self.seed.unwrap_or(run.seed),
+            resume: self.resume,
+            max_steps_per_epoch: self.max_steps_per_epoch,
+            ..TrainOptions::new(&self.output)
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct Text2ImageArgs {
+    /// The training config (UNet, recipe, run defaults), e.g. configs/text2image-emoji.json.
+    #[arg(long)]
+    config: PathBuf,
+    /// Captioned images: a WebDataset .tar, a folder of tars (each tar's name is a style), or a
+    /// folder of images with .txt captions. Default: $ENSUENO_DATA/emoji.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The frozen text encoder: a sentence-transformers BERT folder (all-MiniLM-L6-v2), a CLIP
+    /// folder written by `ensueno train clip` (or a CLIPTextModel folder with its CLIP tokenizer),
+    /// or a diffusers pipeline folder whose text_encoder/, tokenizer/ and vae/ are used.
+    /// Default: ensueno's shipped model (models/emoji-text2image), which holds all three.
+    #[arg(long, env = "ENSUENO_TEXT_ENCODER")]
+    text_encoder: Option<PathBuf>,
+    /// The frozen autoencoder: a folder with taesd_encoder.safetensors and
+    /// taesd_decoder.safetensors, or a diffusers AutoencoderTiny folder.
+    /// Default: the vae/ of the --text-encoder pipeline folder.
+    #[arg(long, env = "ENSUENO_TAESD")]
+    taesd: Option<PathBuf>,
+    #[command(flatten)]
+    run: ConfigRunArgs,
+    /// Start from these UNet weights instead of random ones: a diffusers
+    /// unet/ folder or a pipeline folder (e.g. models/emoji-text2image).
+    /// Optimizer state and EMA start fresh.
+    #[arg(long, value_name = "DIR", conflicts_with = "resume")]
+    init_unet: Option<PathBuf>,
+}
+
 fn train_text2image(args: Text2ImageArgs) -> Result<()> {
     use ensueno::train::text2image::{FrozenParts, Text2ImageConfig, Text2ImageTask};
     let config = Text2ImageConfig::from_file(&args.config)?;
-    let device = pick_device(args.device)?;
+    let device = pick_device(args.run.device)?;
     let path = data::resolve_data_path(args.data.as_deref(), "emoji")?;
     let data = data::open(&path, &config.recipe.load_options())
         .with_context(|| format!("cannot load the data in {}", path.display()))?;
     let run = &config.training;
-    let options = TrainOptions {
-        epochs: args.epochs.unwrap_or(run.epochs),
-        batch_size: args.batch_size.unwrap_or(run.batch_size),
-        lr: args.lr.unwrap_or(run.lr),
-        seed: args.seed.unwrap_or(run.seed),
-        resume: args.resume,
-        max_steps_per_epoch: args.max_steps_per_epoch,
-        ..TrainOptions::new(&args.output)
-    };
+    let options = args.run.options(run);
     let source = match &args.text_encoder {
         Some(p) => p.clone(),
         None => ensueno::pipelines::default_model_dir().context(
@@ -379,6 +398,67 @@ fn train_text2image(args: Text2ImageArgs) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     train_and_report(&mut task, &what, &data, &options, &device)
+}
+
+#[derive(Args)]
+pub struct ClipArgs {
+    /// The training config (model, recipe, run defaults), e.g. configs/clip-emoji.json.
+    #[arg(long)]
+    config: PathBuf,
+    /// Captioned images: a WebDataset .tar, a folder of tars (each tar's name is a style), or a
+    /// folder of images with .txt captions. Default: $ENSUENO_DATA/emoji.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The CLIP BPE tokenizer: a folder with vocab.json and merges.txt (e.g. a Stable Diffusion
+    /// repository's tokenizer/ folder).
+    #[arg(long, env = "ENSUENO_CLIP_TOKENIZER")]
+    tokenizer: PathBuf,
+    #[command(flatten)]
+    run: ConfigRunArgs,
+}
+
+fn train_clip(args: ClipArgs) -> Result<()> {
+    use ensueno::train::clip::{ClipTask, ClipTrainConfig};
+    let config = ClipTrainConfig::from_file(&args.config)?;
+    let device = pick_device(args.run.device)?;
+    let path = data::resolve_data_path(args.data.as_deref(), "emoji")?;
+    let size = config.model.vision_config.image_size;
+    let data = data::open(&path, &config.recipe.load_options(size))
+        .with_context(|| format!("cannot load the data in {}", path.display()))?;
+    let run = &config.training;
+    let options = args.run.options(run);
+    let mut task = ClipTask::new(
+        config,
+        &args.tokenizer,
+        &data,
+        options.lr,
+        options.seed,
+        &device,
+    )?;
+    let what = format!(
+        "training a {}-parameter CLIPModel on {} ({} images, styles {})",
+        task.num_parameters(),
+        data.name,
+        data.len(),
+        task.styles().join(", "),
+    );
+    train_and_report(&mut task, &what, &data, &options, &device)?;
+    for s in task.last_scores() {
+        let direction = match s.direction {
+            ensueno::eval::zero_shot::Direction::ImageToText => "image -> caption",
+            _ => "caption -> image",
+        };
+        println!(
+            "zero-shot {direction} | {:>8} | n {} of {} | top-1 {:5.1}% | top-5 {:5.1}% | median rank {}",
+            s.style,
+            s.n,
+            s.gallery,
+            100. * s.top1,
+            100. * s.top5,
+            s.median_rank
+        );
+    }
+    Ok(())
 }
 
 /// Says what is trained, trains it, and prints the final losses and where

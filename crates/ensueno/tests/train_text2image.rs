@@ -564,3 +564,83 @@ fn caption_word_dropout_settings_are_checked() {
     let e = config.validate().unwrap_err().to_string();
     assert!(e.contains("at most 64"), "{e}");
 }
+
+/// The tiny transformers `CLIPModel` of `scripts/golden/clip_model.py`
+/// (text tower 32 wide, end of text 999) with the tiny CLIP tokenizer: the
+/// kind of folder `ensueno train clip` writes.
+fn clip_frozen() -> FrozenParts {
+    FrozenParts {
+        text_encoder: fixtures().join("clip_model"),
+        tokenizer: fixtures().join("tiny_clip_tokenizer"),
+        taesd: fixtures().join("pipeline/tiny-bert-taesd/vae"),
+    }
+}
+
+#[test]
+fn trains_on_a_clip_text_encoder_and_exports_a_clip_pipeline() {
+    single_thread();
+    use ensueno::train::text2image::TextFamily;
+    let frozen = clip_frozen();
+    assert_eq!(frozen.text_family().unwrap(), TextFamily::Clip);
+    assert_eq!(self::frozen().text_family().unwrap(), TextFamily::Bert);
+
+    let data = emoji6();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut task = Text2ImageTask::new(
+        tiny_config(),
+        frozen.clone(),
+        &data,
+        1e-3,
+        0,
+        &Device::Cpu,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let losses = train_task(&mut task, &data, &out, 1, false);
+    assert!(losses[0][0].is_finite() && losses[0][0] > 0.0);
+
+    // The export is a Stable Diffusion pipeline with a CLIP text encoder and
+    // tokenizer, as Stable Diffusion 1.x has.
+    let model = out.join("model");
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("model_index.json")).unwrap())
+            .unwrap();
+    assert_eq!(index["text_encoder"][1], "CLIPTextModel");
+    assert_eq!(index["tokenizer"][1], "CLIPTokenizer");
+    let te: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(model.join("text_encoder/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(te["hidden_size"], 32);
+    assert_eq!(te["eos_token_id"], 999);
+    let (pipe, images) = generate(&model, "elephant, emoji6 style", 3);
+    assert_eq!(images[0].dimensions(), (16, 16));
+
+    // Its text encoder is the CLIP's text tower: the same hidden states.
+    let folder = ModelFolder::open(&model, &["text_encoder", "tokenizer"]).unwrap();
+    let exported =
+        ensueno::pipelines::text_encoder::TextEncoder::load(&folder, &Device::Cpu, DType::F32)
+            .unwrap();
+    let original = frozen.load_text_encoder(16, &Device::Cpu).unwrap();
+    let (a, _) = exported.encode(&["a red apple"], 0).unwrap();
+    let (b, _) = original.encode(&["a red apple"], 0).unwrap();
+    assert_eq!(a.dims(), &[1, 77, 32]);
+    assert_eq!(max_abs(&(a - b).unwrap()), 0.0);
+    drop(pipe);
+
+    // The sentence token is BERT's mean token state: refused with CLIP.
+    let err = Text2ImageTask::new(
+        sentence_config(),
+        clip_frozen(),
+        &data,
+        1e-3,
+        0,
+        &Device::Cpu,
+        &mut |_, _, _| {},
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("need a BERT text encoder"), "{err}");
+}

@@ -13,6 +13,7 @@ pub fn ensueno(args: &[&str]) -> Output {
         .env_remove("ENSUENO_MODEL")
         .env_remove("ENSUENO_DATA")
         .env_remove("ENSUENO_CLASSIFIER")
+        .env_remove("ENSUENO_CLIP_TOKENIZER")
         .env("HF_HUB_OFFLINE", "1")
         .env("HF_HOME", empty.join("hf"))
         .env("XDG_CACHE_HOME", empty.join("cache"))

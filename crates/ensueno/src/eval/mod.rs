@@ -10,5 +10,6 @@ pub use mnist_classifier::{accuracy, MnistClassifier};
 pub mod classifier_folder;
 pub mod generative;
 pub mod retrieval;
+pub mod zero_shot;
 
 pub use classifier_folder::{load_classifier, ClassifierConfig, CLASSIFIER_WEIGHTS};

@@ -59,7 +59,14 @@ pub fn text_self_attention(
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+    // candle-nn's fused softmax kernel has no backward pass: a model in
+    // training (`ensueno train clip`) takes the composite one.
+    let probs = if scores.track_op() {
+        candle_nn::ops::softmax(&scores, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    }
+    .to_dtype(v.dtype())?;
     Ok(probs
         .matmul(&v)?
         .transpose(1, 2)?

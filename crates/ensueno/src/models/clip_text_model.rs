@@ -13,8 +13,13 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
-use serde::Deserialize;
+use candle_nn::{Embedding, Init, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+// ensueno's linear and layer norm: the same weights and numbers as
+// candle-nn's, plus a backward pass (`ensueno train clip` trains this model).
+use crate::ops::layer_norm::{layer_norm, LayerNorm};
+use crate::ops::linear::{linear, Linear};
 
 use crate::{Error, Result};
 
@@ -46,7 +51,8 @@ impl HiddenAct {
         }
     }
 
-    fn apply(self, xs: &Tensor) -> Result<Tensor> {
+    /// Applies the activation.
+    pub fn apply(self, xs: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Self::QuickGelu => (xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?)?,
             Self::Gelu => xs.gelu_erf()?,
@@ -95,7 +101,7 @@ fn default_eos_token_id() -> Option<u32> {
 /// transformers' `CLIPTextConfig`, read from a `text_encoder/config.json`.
 ///
 /// Defaults are transformers' (the `openai/clip-vit-base-patch32` text tower).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CLIPTextConfig {
     #[serde(default = "default_vocab_size")]
     pub vocab_size: usize,
@@ -175,6 +181,47 @@ impl CLIPTextConfig {
     }
 }
 
+impl CLIPTextConfig {
+    /// The sizes of its stack of encoder layers.
+    pub fn encoder_config(&self) -> Result<CLIPEncoderConfig> {
+        Ok(CLIPEncoderConfig {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            hidden_act: HiddenAct::from_name(&self.hidden_act)?,
+            layer_norm_eps: self.layer_norm_eps,
+        })
+    }
+}
+
+/// The sizes of a stack of CLIP encoder layers: the part of the text and
+/// vision configs (`CLIPTextConfig`, `CLIPVisionConfig`) that the two
+/// towers' transformers share.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CLIPEncoderConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub hidden_act: HiddenAct,
+    pub layer_norm_eps: f64,
+}
+
+/// The initialisation transformers' `CLIPPreTrainedModel` gives embeddings
+/// (normal, standard deviation 0.02): what a model trained from scratch
+/// starts from. Loading a checkpoint ignores it.
+pub(crate) const EMBEDDING_INIT: Init = Init::Randn {
+    mean: 0.0,
+    stdev: 0.02,
+};
+
+/// An embedding table `[n, dim]` named `weight` under `vb`.
+pub(crate) fn embedding(n: usize, dim: usize, vb: VarBuilder) -> Result<Embedding> {
+    let weight = vb.get_with_hints((n, dim), "weight", EMBEDDING_INIT)?;
+    Ok(Embedding::new(weight, dim))
+}
+
 /// Token plus learned absolute position embeddings.
 #[derive(Debug, Clone)]
 pub struct CLIPTextEmbeddings {
@@ -220,7 +267,7 @@ pub struct CLIPAttention {
 }
 
 impl CLIPAttention {
-    pub fn new(vb: VarBuilder, config: &CLIPTextConfig) -> Result<Self> {
+    pub fn new(vb: VarBuilder, config: &CLIPEncoderConfig) -> Result<Self> {
         let h = config.hidden_size;
         Ok(Self {
             q_proj: linear(h, h, vb.pp("q_proj"))?,
@@ -254,11 +301,11 @@ pub struct CLIPMLP {
 }
 
 impl CLIPMLP {
-    pub fn new(vb: VarBuilder, config: &CLIPTextConfig) -> Result<Self> {
+    pub fn new(vb: VarBuilder, config: &CLIPEncoderConfig) -> Result<Self> {
         Ok(Self {
             fc1: linear(config.hidden_size, config.intermediate_size, vb.pp("fc1"))?,
             fc2: linear(config.intermediate_size, config.hidden_size, vb.pp("fc2"))?,
-            act: HiddenAct::from_name(&config.hidden_act)?,
+            act: config.hidden_act,
         })
     }
 
@@ -279,7 +326,7 @@ pub struct CLIPEncoderLayer {
 }
 
 impl CLIPEncoderLayer {
-    pub fn new(vb: VarBuilder, config: &CLIPTextConfig) -> Result<Self> {
+    pub fn new(vb: VarBuilder, config: &CLIPEncoderConfig) -> Result<Self> {
         let h = config.hidden_size;
         let eps = config.layer_norm_eps;
         Ok(Self {
@@ -302,19 +349,31 @@ impl CLIPEncoderLayer {
     }
 }
 
-/// The stack of encoder layers (`text_model.encoder`).
+/// The stack of encoder layers (`text_model.encoder`, `vision_model.encoder`).
 #[derive(Debug, Clone)]
 pub struct CLIPEncoder {
     layers: Vec<CLIPEncoderLayer>,
 }
 
 impl CLIPEncoder {
-    pub fn new(vb: VarBuilder, config: &CLIPTextConfig) -> Result<Self> {
+    pub fn new(vb: VarBuilder, config: &CLIPEncoderConfig) -> Result<Self> {
         let vb = vb.pp("layers");
         let layers = (0..config.num_hidden_layers)
             .map(|i| CLIPEncoderLayer::new(vb.pp(i), config))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { layers })
+    }
+
+    /// Runs every layer.
+    ///
+    /// # Shapes
+    /// `xs` [B, T, hidden], `mask` additive f32 [T, T] -> [B, T, hidden]
+    pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for layer in &self.layers {
+            xs = layer.forward(&xs, mask)?;
+        }
+        Ok(xs)
     }
 }
 
@@ -325,6 +384,7 @@ pub struct CLIPTextModel {
     encoder: CLIPEncoder,
     final_layer_norm: LayerNorm,
     max_position_embeddings: usize,
+    eos_token_id: Option<u32>,
 }
 
 impl CLIPTextModel {
@@ -352,13 +412,14 @@ impl CLIPTextModel {
         };
         Ok(Self {
             embeddings: CLIPTextEmbeddings::new(vb.pp("embeddings"), config)?,
-            encoder: CLIPEncoder::new(vb.pp("encoder"), config)?,
+            encoder: CLIPEncoder::new(vb.pp("encoder"), &config.encoder_config()?)?,
             final_layer_norm: layer_norm(
                 config.hidden_size,
                 config.layer_norm_eps,
                 vb.pp("final_layer_norm"),
             )?,
             max_position_embeddings: config.max_position_embeddings,
+            eos_token_id: config.eos_token_id,
         })
     }
 
@@ -417,6 +478,47 @@ impl CLIPTextModel {
             xs = layer.forward(&xs, Some(&mask))?;
         }
         Ok(self.final_layer_norm.forward(&xs)?)
+    }
+}
+
+impl CLIPTextModel {
+    /// transformers' `pooler_output`: each prompt's final hidden state at its
+    /// end-of-text token, the first position holding `eos_token_id` (the
+    /// position of the largest id for configs with the legacy
+    /// `eos_token_id` 2 or none, and position 0 for a row without it, as
+    /// transformers does). Causal attention makes this state depend only on
+    /// the tokens up to the end of the text, not on the padding after it.
+    ///
+    /// # Shapes
+    /// `last_hidden_state` [B, T, hidden], `input_ids` u32 [B, T] -> [B, hidden]
+    pub fn pooled_output(&self, last_hidden_state: &Tensor, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t, hidden) = last_hidden_state.dims3()?;
+        let ids = input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        if ids.len() != b || ids.iter().any(|row| row.len() != t) {
+            return Err(Error::Shape {
+                what: "CLIP pooled output input_ids".to_string(),
+                expected: format!("[{b}, {t}]"),
+                got: format!("{:?}", input_ids.dims()),
+            });
+        }
+        let positions: Vec<u32> = ids
+            .iter()
+            .enumerate()
+            .map(|(row, tokens)| {
+                let at = match self.eos_token_id {
+                    Some(eos) if eos != 2 => tokens.iter().position(|&id| id == eos).unwrap_or(0),
+                    _ => {
+                        let max = tokens.iter().copied().max().unwrap_or(0);
+                        tokens.iter().position(|&id| id == max).unwrap_or(0)
+                    }
+                };
+                (row * t + at) as u32
+            })
+            .collect();
+        let index = Tensor::from_vec(positions, b, last_hidden_state.device())?;
+        Ok(last_hidden_state
+            .reshape((b * t, hidden))?
+            .index_select(&index, 0)?)
     }
 }
 

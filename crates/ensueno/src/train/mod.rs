@@ -10,6 +10,7 @@
 
 pub mod checkpoint;
 pub mod classifier;
+pub mod clip;
 pub mod diffusion;
 pub mod ema;
 pub mod forward_process;

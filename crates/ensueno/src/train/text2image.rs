@@ -34,6 +34,8 @@ use crate::data::caption_dropout::caption_variants;
 use crate::data::ImageDataset;
 use crate::io::atomic::write_json;
 use crate::models::autoencoder_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
+use crate::models::clip_text_model::{CLIPTextConfig, CLIPTextModel};
+use crate::models::clip_tokenizer::CLIPTokenizer;
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::ops::adamw::AdamW;
 pub use crate::pipelines::prompting::{styled_prompt, PromptingConfig, PROMPTING_JSON};
@@ -197,11 +199,7 @@ impl Text2ImageConfig {
         if r.max_text_tokens < 3 || r.max_text_tokens > 512 {
             return Err(Error::invalid("max_text_tokens must be between 3 and 512"));
         }
-        if !r.style_template.contains("{caption}") || !r.style_template.contains("{style}") {
-            return Err(Error::invalid(
-                "style_template must contain {caption} and {style}",
-            ));
-        }
+        check_style_template(&r.style_template)?;
         if r.resolution.is_some_and(|v| v == 0 || v % 8 != 0) {
             return Err(Error::invalid(
                 "resolution must be a positive multiple of 8",
@@ -222,6 +220,16 @@ impl Text2ImageConfig {
         )?;
         Ok(())
     }
+}
+
+/// A recipe's `style_template` must name both the caption and the style.
+pub fn check_style_template(template: &str) -> Result<()> {
+    if !template.contains("{caption}") || !template.contains("{style}") {
+        return Err(Error::invalid(
+            "style_template must contain {caption} and {style}",
+        ));
+    }
+    Ok(())
 }
 
 /// A style's name as prompts use it: the shard name without its size suffix
@@ -249,10 +257,12 @@ impl Text2ImageRecipe {
 /// Where the frozen parts come from.
 #[derive(Debug, Clone)]
 pub struct FrozenParts {
-    /// The BERT sentence encoder's `config.json` and weights, e.g.
-    /// all-MiniLM-L6-v2.
+    /// The text encoder's `config.json` and weights: a BERT sentence
+    /// encoder (all-MiniLM-L6-v2), or a CLIP (a transformers `CLIPModel`
+    /// folder written by `ensueno train clip`, or a `CLIPTextModel` folder).
     pub text_encoder: PathBuf,
-    /// The folder with its `tokenizer.json` (and `vocab.txt`).
+    /// The folder with its tokenizer: BERT's `tokenizer.json` (and
+    /// `vocab.txt`), or CLIP's `vocab.json` and `merges.txt`.
     pub tokenizer: PathBuf,
     /// `taesd_encoder.safetensors` + `taesd_decoder.safetensors`, or a
     /// diffusers `AutoencoderTiny` folder.
@@ -289,6 +299,79 @@ impl FrozenParts {
             tokenizer: tok,
             taesd,
         })
+    }
+}
+
+/// The two text encoder families a text-to-image model can be trained on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextFamily {
+    Bert,
+    Clip,
+}
+
+impl FrozenParts {
+    /// Which family the text encoder is, from its `config.json`'s
+    /// `model_type` (`clip` or `clip_text_model`: CLIP; anything else: BERT).
+    pub fn text_family(&self) -> Result<TextFamily> {
+        let path = self.text_encoder.join("config.json");
+        let config: serde_json::Value = crate::io::model_folder::read_json(&path)?;
+        Ok(match config.get("model_type").and_then(|v| v.as_str()) {
+            Some("clip" | "clip_text_model") => TextFamily::Clip,
+            _ => TextFamily::Bert,
+        })
+    }
+
+    /// The text tower's config: a `CLIPModel`'s `text_config`, or a
+    /// `CLIPTextModel`'s whole config.
+    fn clip_text_config(&self) -> Result<CLIPTextConfig> {
+        let path = self.text_encoder.join("config.json");
+        let config: serde_json::Value = crate::io::model_folder::read_json(&path)?;
+        let text = match config.get("model_type").and_then(|v| v.as_str()) {
+            Some("clip") => config.get("text_config").cloned().unwrap_or_default(),
+            _ => config,
+        };
+        let text: CLIPTextConfig = serde_json::from_value(text).map_err(|e| Error::Config {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        text.validate().map_err(|e| Error::Config {
+            path,
+            message: e.to_string(),
+        })?;
+        Ok(text)
+    }
+
+    /// The frozen text encoder in f32: BERT with prompts padded to
+    /// `max_text_tokens`, or CLIP's text tower with prompts padded to 77
+    /// tokens, as Stable Diffusion pads them.
+    pub fn load_text_encoder(
+        &self,
+        max_text_tokens: usize,
+        device: &Device,
+    ) -> Result<TextEncoder> {
+        match self.text_family()? {
+            TextFamily::Bert => TextEncoder::bert_from_dir(
+                &self.text_encoder,
+                &self.tokenizer,
+                max_text_tokens,
+                device,
+                DType::F32,
+            ),
+            TextFamily::Clip => {
+                let config = self.clip_text_config()?;
+                let dir = &self.text_encoder;
+                let files = crate::io::model_folder::in_component(
+                    dir,
+                    crate::io::model_folder::component_weight_files(dir),
+                )?;
+                let vb =
+                    crate::io::model_folder::var_builder_from_files(&files, DType::F32, device)?;
+                let model =
+                    crate::io::model_folder::in_component(dir, CLIPTextModel::new(vb, &config))?;
+                let tokenizer = CLIPTokenizer::from_dir(&self.tokenizer)?;
+                Ok(TextEncoder::Clip { tokenizer, model })
+            }
+        }
     }
 }
 
@@ -423,13 +506,7 @@ impl Text2ImageTask {
             )));
         }
 
-        let text_encoder = TextEncoder::bert_from_dir(
-            &frozen.text_encoder,
-            &frozen.tokenizer,
-            recipe.max_text_tokens,
-            device,
-            DType::F32,
-        )?;
+        let text_encoder = frozen.load_text_encoder(recipe.max_text_tokens, device)?;
         let cross = text_encoder.hidden_size();
         let unet_cross = cross_attention_width(&config.unet);
         if unet_cross != cross {
@@ -829,6 +906,10 @@ pub fn save_pipeline_folder(
     styles: &[String],
 ) -> Result<()> {
     let recipe = &config.recipe;
+    let (text_class, tokenizer_class) = match frozen.text_family()? {
+        TextFamily::Bert => ("BertModel", "BertTokenizerFast"),
+        TextFamily::Clip => ("CLIPTextModel", "CLIPTokenizer"),
+    };
     write_json(
         &dir.join("model_index.json"),
         &serde_json::json!({
@@ -839,8 +920,8 @@ pub fn save_pipeline_folder(
             "requires_safety_checker": false,
             "safety_checker": [null, null],
             "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
-            "text_encoder": ["transformers", "BertModel"],
-            "tokenizer": ["transformers", "BertTokenizerFast"],
+            "text_encoder": ["transformers", text_class],
+            "tokenizer": ["transformers", tokenizer_class],
             "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderTiny"],
         }),
@@ -886,6 +967,36 @@ pub fn save_pipeline_folder(
         &with_diffusers_class(super::to_json(&vae_config)?, "AutoencoderTiny"),
     )?;
 
+    match frozen.text_family()? {
+        TextFamily::Bert => save_bert_text_encoder(dir, recipe, frozen)?,
+        TextFamily::Clip => save_clip_text_encoder(dir, frozen)?,
+    }
+
+    write_json(
+        &dir.join(PROMPTING_JSON),
+        &super::to_json(&PromptingConfig {
+            styles: styles.to_vec(),
+            style_template: recipe.style_template.clone(),
+            guidance_scale: recipe.guidance_scale,
+            num_inference_steps: recipe.sample_steps,
+            sentence_token: recipe.sentence_token,
+        })?,
+    )
+}
+
+/// A pipeline's `text_encoder/` and `tokenizer/` from a BERT sentence
+/// encoder: its config with the mask flag diffusers reads, its weights as
+/// they are, and its tokenizer padded to `max_text_tokens`.
+fn save_bert_text_encoder(
+    dir: &Path,
+    recipe: &Text2ImageRecipe,
+    frozen: &FrozenParts,
+) -> Result<()> {
+    let sub = |name: &str| -> Result<PathBuf> {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+        Ok(d)
+    };
     // The text encoder: BERT's config with the mask flag diffusers reads,
     // and its weights as they are.
     let te = sub("text_encoder")?;
@@ -941,16 +1052,68 @@ pub fn save_pipeline_folder(
         }),
     )?;
 
-    write_json(
-        &dir.join(PROMPTING_JSON),
-        &super::to_json(&PromptingConfig {
-            styles: styles.to_vec(),
-            style_template: recipe.style_template.clone(),
-            guidance_scale: recipe.guidance_scale,
-            num_inference_steps: recipe.sample_steps,
-            sentence_token: recipe.sentence_token,
-        })?,
-    )
+    Ok(())
+}
+
+/// A pipeline's `text_encoder/` and `tokenizer/` from a CLIP: the text
+/// tower alone as a transformers `CLIPTextModel` (weights at the root, as
+/// transformers 5 writes them) and the CLIP BPE tokenizer, padded to 77
+/// tokens as Stable Diffusion's is.
+fn save_clip_text_encoder(dir: &Path, frozen: &FrozenParts) -> Result<()> {
+    let te = dir.join("text_encoder");
+    std::fs::create_dir_all(&te).map_err(|e| Error::io(&te, e))?;
+    let mut te_config = super::to_json(&frozen.clip_text_config()?)?;
+    if let Some(map) = te_config.as_object_mut() {
+        map.insert("architectures".into(), serde_json::json!(["CLIPTextModel"]));
+        map.insert("model_type".into(), serde_json::json!("clip_text_model"));
+    }
+    write_json(&te.join("config.json"), &te_config)?;
+    let tensors: Vec<(String, Tensor)> = folder_tensors(&frozen.text_encoder)?
+        .into_iter()
+        .filter_map(|(k, t)| {
+            let root = k.strip_prefix("text_model.").map(str::to_string);
+            match root {
+                Some(r) => Some((r, t)),
+                // A CLIPTextModel folder already at the root.
+                None if !k.starts_with("vision_model.")
+                    && !k.contains("projection")
+                    && k != "logit_scale" =>
+                {
+                    Some((k, t))
+                }
+                None => None,
+            }
+        })
+        .collect();
+    crate::io::weights::save_safetensors(&te.join("model.safetensors"), &tensors, None)?;
+
+    let tok = dir.join("tokenizer");
+    std::fs::create_dir_all(&tok).map_err(|e| Error::io(&tok, e))?;
+    for name in ["vocab.json", "merges.txt"] {
+        let src = frozen.tokenizer.join(name);
+        let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+        let dst = tok.join(name);
+        crate::io::atomic::write_atomic(&dst, |w| {
+            std::io::Write::write_all(w, &bytes).map_err(|e| Error::io(&dst, e))
+        })?;
+    }
+    let special = serde_json::json!({
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    });
+    write_json(&tok.join("special_tokens_map.json"), &special)?;
+    let mut config = special;
+    if let Some(map) = config.as_object_mut() {
+        map.insert("tokenizer_class".into(), "CLIPTokenizer".into());
+        map.insert(
+            "model_max_length".into(),
+            crate::pipelines::text_encoder::CLIP_MAX_TOKENS.into(),
+        );
+        map.insert("do_lower_case".into(), true.into());
+    }
+    write_json(&tok.join("tokenizer_config.json"), &config)
 }
 
 #[cfg(test)]
