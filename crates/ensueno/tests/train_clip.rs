@@ -213,9 +213,15 @@ fn bad_inputs_are_clear_errors() {
     .to_string();
     assert!(err.contains("vocab.json"), "{err}");
 
-    // Data without captions.
+    // Data without captions: the loader already refuses a tar without them;
+    // a dataset that has none (MNIST-like) is refused by the trainer.
     let options = config.recipe.load_options(16);
-    let bare = data::open(&fixtures().join("data/no_captions.tar"), &options).unwrap();
+    let err = data::open(&fixtures().join("data/no_captions.tar"), &options)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no captions"), "{err}");
+    let mut bare = data.clone();
+    bare.captions = None;
     let err = ClipTask::new(
         tiny_config(),
         &tokenizer_dir(),
