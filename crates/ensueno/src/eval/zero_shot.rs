@@ -54,7 +54,8 @@ pub struct ZeroShotScore {
 /// 0-based rank of `targets[q]` among the rows of `gallery` for each row
 /// `q` of `queries` by cosine similarity: the number of gallery items
 /// strictly more similar than the target (ties favour the target, as in
-/// [`super::retrieval::rank_of`]).
+/// [`super::retrieval::rank_of`]). A NaN similarity counts against the
+/// target, so broken embeddings score worst, never best.
 ///
 /// # Shapes
 /// `queries` [Q, P], `gallery` [N, P], `targets` of length Q with entries < N
@@ -73,7 +74,12 @@ pub fn cosine_ranks(queries: &Tensor, gallery: &Tensor, targets: &[usize]) -> Re
     Ok(sims
         .iter()
         .zip(targets)
-        .map(|(row, &t)| row.iter().filter(|&&s| s > row[t]).count())
+        .map(|(row, &t)| {
+            row.iter()
+                .enumerate()
+                .filter(|&(j, &s)| j != t && (s > row[t] || s.is_nan() || row[t].is_nan()))
+                .count()
+        })
         .collect())
 }
 
@@ -373,6 +379,9 @@ mod tests {
         assert_eq!(cosine_ranks(&queries, &gallery, &[2, 1])?, vec![1, 0]);
         assert_eq!(cosine_ranks(&queries, &gallery, &[1, 0])?, vec![2, 2]);
         assert!(cosine_ranks(&queries, &gallery, &[3, 0]).is_err());
+        // NaN embeddings rank last, not first.
+        let nan = Tensor::new(&[[f32::NAN, 0.]], &dev)?;
+        assert_eq!(cosine_ranks(&nan, &gallery, &[0])?, vec![2]);
         assert_eq!(summarize_ranks(&[0, 1, 7, 3]), (0.25, 0.75, 3));
         Ok(())
     }

@@ -51,8 +51,7 @@ impl HiddenAct {
         }
     }
 
-    /// Applies the activation.
-    pub fn apply(self, xs: &Tensor) -> Result<Tensor> {
+    fn apply(self, xs: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Self::QuickGelu => (xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?)?,
             Self::Gelu => xs.gelu_erf()?,

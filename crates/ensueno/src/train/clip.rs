@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -101,14 +101,7 @@ impl ClipTrainConfig {
                 "the vision tower must take 3 channels (RGB images)",
             ));
         }
-        crate::models::config_defaults::check_positive(
-            "clip",
-            &[
-                ("training.epochs", self.training.epochs),
-                ("training.batch_size", self.training.batch_size),
-            ],
-        )?;
-        Ok(())
+        self.training.validate("clip")
     }
 }
 
@@ -141,6 +134,8 @@ pub struct ClipTask {
     tokenizer: CLIPTokenizer,
     params: ParamStore,
     model: CLIPModel,
+    /// The temperature's variable, clamped after each step.
+    logit_scale: Var,
     opt: AdamW,
     base_lr: f64,
     /// Per sample: token ids of the plain and of the styled caption.
@@ -229,21 +224,24 @@ impl ClipTask {
 
         let params = ParamStore::new(seed);
         let model = CLIPModel::new(params.var_builder(DType::F32, device), &config.model)?;
-        let vars = params.vars().into_iter().map(|(_, v)| v).collect();
-        let opt = AdamW::new(
-            vars,
-            ParamsAdamW {
-                lr,
-                weight_decay: recipe.weight_decay,
-                ..ParamsAdamW::default()
-            },
-        )?;
+        let logit_scale = params
+            .vars()
+            .into_iter()
+            .find(|(name, _)| name == "logit_scale")
+            .map(|(_, v)| v)
+            .ok_or_else(|| Error::invalid("the CLIP model has no logit_scale"))?;
+        let opt = params.adamw(ParamsAdamW {
+            lr,
+            weight_decay: recipe.weight_decay,
+            ..ParamsAdamW::default()
+        })?;
         Ok(Self {
             config,
             tokenizer_dir: tokenizer_dir.to_path_buf(),
             tokenizer,
             params,
             model,
+            logit_scale,
             opt,
             base_lr: lr,
             plain_ids,
@@ -351,16 +349,10 @@ impl TrainTask for ClipTask {
         self.opt.set_learning_rate(lr);
         let grads = loss.backward()?;
         self.opt.step(&grads)?;
-        let scale = self
-            .params
-            .vars()
-            .into_iter()
-            .find(|(name, _)| name == "logit_scale")
-            .map(|(_, v)| v)
-            .ok_or_else(|| Error::invalid("the CLIP model has no logit_scale"))?;
-        let s = scale.as_tensor().to_scalar::<f32>()? as f64;
+        let s = self.logit_scale.as_tensor().to_scalar::<f32>()? as f64;
         if s > MAX_LOGIT_SCALE {
-            scale.set(&Tensor::new(MAX_LOGIT_SCALE as f32, &self.device)?)?;
+            self.logit_scale
+                .set(&Tensor::new(MAX_LOGIT_SCALE as f32, &self.device)?)?;
         }
         Ok(vec![value, s.min(MAX_LOGIT_SCALE)])
     }

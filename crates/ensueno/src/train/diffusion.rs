@@ -155,15 +155,11 @@ impl DiffusionTask {
         }
         let params = ParamStore::new(seed);
         let model = UNet2DModel::new(params.var_builder(DType::F32, device), &config)?;
-        let vars = params.vars().into_iter().map(|(_, v)| v).collect();
-        let opt = AdamW::new(
-            vars,
-            ParamsAdamW {
-                lr,
-                weight_decay: recipe.weight_decay,
-                ..ParamsAdamW::default()
-            },
-        )?;
+        let opt = params.adamw(ParamsAdamW {
+            lr,
+            weight_decay: recipe.weight_decay,
+            ..ParamsAdamW::default()
+        })?;
         let ema = Ema::new(&params, recipe.ema_decay)?;
         // The same float32 schedule the samplers use.
         let forward = ForwardProcess::new(&scheduler_config(&recipe))?;

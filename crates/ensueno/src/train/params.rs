@@ -165,6 +165,13 @@ impl ParamStore {
             .collect()
     }
 
+    /// An AdamW optimiser over every variable (in name order), with
+    /// ensueno's fused CPU step.
+    pub fn adamw(&self, config: candle_nn::ParamsAdamW) -> Result<crate::ops::adamw::AdamW> {
+        let vars = self.vars().into_iter().map(|(_, v)| v).collect();
+        <crate::ops::adamw::AdamW as candle_nn::Optimizer>::new(vars, config).map_err(Into::into)
+    }
+
     /// The variables' current values, by name.
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
         self.lock()

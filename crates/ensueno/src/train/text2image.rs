@@ -212,13 +212,22 @@ impl Text2ImageConfig {
         }
         crate::models::config_defaults::check_positive(
             "text2image",
-            &[
-                ("training.epochs", self.training.epochs),
-                ("training.batch_size", self.training.batch_size),
-                ("recipe.sample_steps", r.sample_steps),
-            ],
+            &[("recipe.sample_steps", r.sample_steps)],
         )?;
-        Ok(())
+        self.training.validate("text2image")
+    }
+}
+
+impl RunDefaults {
+    /// Epochs and batch size must be at least 1.
+    pub fn validate(&self, model: &str) -> Result<()> {
+        crate::models::config_defaults::check_positive(
+            model,
+            &[
+                ("training.epochs", self.epochs),
+                ("training.batch_size", self.batch_size),
+            ],
+        )
     }
 }
 
@@ -624,15 +633,11 @@ impl Text2ImageTask {
         let params = ParamStore::new(seed);
         let model =
             UNet2DConditionModel::new(params.var_builder(DType::F32, device), &config.unet)?;
-        let vars = params.vars().into_iter().map(|(_, v)| v).collect();
-        let opt = AdamW::new(
-            vars,
-            ParamsAdamW {
-                lr,
-                weight_decay: recipe.weight_decay,
-                ..ParamsAdamW::default()
-            },
-        )?;
+        let opt = params.adamw(ParamsAdamW {
+            lr,
+            weight_decay: recipe.weight_decay,
+            ..ParamsAdamW::default()
+        })?;
         let ema = Ema::new(&params, recipe.ema_decay)?;
         let forward = ForwardProcess::new(&scheduler_config(recipe))?;
         Ok(Self {

@@ -80,17 +80,13 @@ impl VaeTask {
             beta2: 0.999,
             eps: 1e-7,
         };
-        let vars = params.vars().into_iter().map(|(_, v)| v).collect();
-        let opt = AdamW::new(
-            vars,
-            ParamsAdamW {
-                lr: recipe.lr,
-                beta1: recipe.beta1,
-                beta2: recipe.beta2,
-                eps: recipe.eps,
-                weight_decay: 0.0,
-            },
-        )?;
+        let opt = params.adamw(ParamsAdamW {
+            lr: recipe.lr,
+            beta1: recipe.beta1,
+            beta2: recipe.beta2,
+            eps: recipe.eps,
+            weight_decay: 0.0,
+        })?;
         Ok(Self {
             config,
             recipe,
